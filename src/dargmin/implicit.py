@@ -1,0 +1,460 @@
+"""Implicit differentiation of the solution of a root, argmin or fixed-point problem.
+
+Given a solver ``solve(init, *params) -> x`` whose output satisfies ``g(x, *params) = 0``,
+the implicit function theorem gives the derivative of the solution map
+
+.. math::
+
+    \\partial_x g(x^*, \\theta)\\,\\dot x = -\\partial_\\theta g(x^*, \\theta)\\,\\dot\\theta .
+
+The decorators below make any such solver differentiable in ``params``:
+
+* the derivative rule is a ``jax.custom_jvp`` (forward mode); the tangent is obtained by a
+  lineax linear solve, which is linear and transposable in its right-hand side, so reverse
+  mode (``jax.grad``, ``jax.vjp``, ``jax.jacrev``) comes from JAX transposing the rule;
+* the rule calls the decorated solution map again ("re-entry") instead of using a constant
+  ``x``, so differentiating the rule differentiates ``x`` as well: Hessians and higher
+  derivatives of the solution map are exact (to the accuracy of the solution);
+* the solver is run once, on ``stop_gradient``-ed parameters: it need not be differentiable
+  (a SciPy solver behind ``jax.pure_callback`` works), and its iterations are never unrolled;
+* arrays that ``g`` closes over are hoisted with ``jax.closure_convert`` and differentiated
+  too, so ``jax.grad`` with respect to data captured by the optimality function works;
+* before a derivative is returned, the solution is checked (see :mod:`dargmin.diagnostics`):
+  a point that is not stationary or a singular system raises an error naming the numbers,
+  under ``jax.jit`` as well.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import lineax as lx
+from jax.flatten_util import ravel_pytree
+
+from dargmin import diagnostics
+from dargmin.linear_solvers import make_linear_solver, needs_spd_tags
+
+CheckMode = Literal["raise", "warn", "ignore"]
+PyTree = Any
+
+
+@dataclass(frozen=True)
+class ImplicitConfig:
+    """Static configuration of an implicitly differentiated solution map.
+
+    Attributes
+    ----------
+    linear_solver
+        Name understood by :func:`dargmin.linear_solvers.make_linear_solver` or a lineax
+        solver instance.
+    symmetric
+        Whether ``∂ₓg`` is symmetric (true for ``argmin``: it is a Hessian).
+    positive_definite
+        Whether ``∂ₓg`` is expected to be positive definite (true for ``argmin``: at a strict
+        minimum the Hessian is positive definite).
+    check
+        ``"raise"`` (default), ``"warn"`` or ``"ignore"``: what to do when the solution is not
+        stationary, the system is singular or the linear solve fails.
+    tol
+        Largest accepted Newton step ``‖(∂ₓg)⁻¹ g‖ / max(1, ‖x‖)`` at the solution (default
+        ``1e-4`` in float64, ``1e-2`` in float32). The Newton step estimates the distance from
+        ``x`` to the true root and so the error the IFT inherits.
+    max_condition
+        Largest accepted estimate of the condition number of ``∂ₓg`` (default ``0.01 / eps``).
+    solve_rtol, solve_atol
+        Tolerances of iterative linear solvers (default ``sqrt(eps)`` scaled).
+    """
+
+    linear_solver: str | lx.AbstractLinearSolver = "auto"
+    symmetric: bool = False
+    positive_definite: bool = False
+    check: CheckMode = "raise"
+    tol: float | None = None
+    max_condition: float | None = None
+    solve_rtol: float | None = None
+    solve_atol: float | None = None
+    kind: str = "root"
+
+    def __post_init__(self) -> None:
+        if self.check not in ("raise", "warn", "ignore"):
+            raise ValueError(f"check must be 'raise', 'warn' or 'ignore', got {self.check!r}.")
+
+
+def _flat_size(tree: PyTree) -> int:
+    return sum(int(jnp.size(leaf)) for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def _result_dtype(tree: PyTree) -> jnp.dtype:
+    leaves = jax.tree_util.tree_leaves(tree)
+    return jnp.result_type(*leaves) if leaves else jnp.dtype(jnp.float32)
+
+
+def _system_operator(
+    g: Callable[..., PyTree], x: PyTree, args: tuple, cfg: ImplicitConfig, solver: Any
+) -> lx.AbstractLinearOperator:
+    """The linear operator ``v ↦ ∂ₓg(x, θ) v`` (matrix-free: a Jacobian-vector product)."""
+    tags: tuple = ()
+    if cfg.symmetric:
+        tags = (lx.symmetric_tag,)
+        if cfg.positive_definite or needs_spd_tags(solver):
+            tags = (lx.symmetric_tag, lx.positive_semidefinite_tag)
+    elif needs_spd_tags(solver):
+        raise ValueError(
+            f"linear_solver={cfg.linear_solver!r} needs a symmetric positive-definite system, "
+            f"but this {cfg.kind} problem has a general Jacobian. Use 'lu', 'gmres' or "
+            "'bicgstab', or use dargmin.argmin when the system is a Hessian."
+        )
+    return lx.JacobianLinearOperator(lambda xx, a: g(xx, *a), x, args, tags=tags)
+
+
+def _solver_for(x: PyTree, cfg: ImplicitConfig) -> lx.AbstractLinearSolver:
+    eps = float(jnp.finfo(_result_dtype(x)).eps)
+    rtol = cfg.solve_rtol if cfg.solve_rtol is not None else 10 * eps**0.5 * 1e-2
+    atol = cfg.solve_atol if cfg.solve_atol is not None else rtol
+    return make_linear_solver(
+        cfg.linear_solver,
+        size=_flat_size(x),
+        symmetric_positive_definite=cfg.symmetric and cfg.positive_definite,
+        rtol=rtol,
+        atol=atol,
+    )
+
+
+def _check_solution(
+    g: Callable[..., PyTree],
+    x: PyTree,
+    args: tuple,
+    op: lx.AbstractLinearOperator,
+    solver: lx.AbstractLinearSolver,
+    cfg: ImplicitConfig,
+) -> None:
+    """Measure stationarity and conditioning at ``x`` and report through a host callback.
+
+    The host callback (``jax.debug.callback``) is what lets the error carry the measured
+    numbers under ``jax.jit`` and ``jax.vmap``; ``equinox.error_if`` only takes static text.
+    """
+    residual = g(x, *args)
+    flat_x, _ = ravel_pytree(x)
+    flat_r, _ = ravel_pytree(residual)
+    dense = isinstance(solver, lx.Cholesky | lx.LU | lx.QR | lx.SVD)
+    # A fixed pseudo-random probe b: ‖A b‖‖A⁻¹ b‖/‖b‖² is a lower bound of cond(A), so it
+    # never raises a false alarm, and bᵀA⁻¹b < 0 proves the matrix is not positive definite.
+    probe_flat = jax.random.normal(jax.random.key(0), flat_x.shape, dtype=flat_x.dtype)
+    _, unravel = ravel_pytree(residual)
+    if dense:
+        rhs = jnp.stack([flat_r, probe_flat])
+        sols = jax.vmap(
+            lambda b: ravel_pytree(lx.linear_solve(op, unravel(b), solver, throw=False).value)[0]
+        )(rhs)
+        newton_flat, probe_sol = sols[0], sols[1]
+        probe_image = ravel_pytree(op.mv(unravel(probe_flat)))[0]
+        probe_norm2 = jnp.sum(probe_flat**2)
+        condition = jnp.linalg.norm(probe_image) * jnp.linalg.norm(probe_sol) / probe_norm2
+        curvature = jnp.vdot(probe_flat, probe_sol)
+    else:
+        newton_flat = ravel_pytree(lx.linear_solve(op, residual, solver, throw=False).value)[0]
+        condition = jnp.asarray(jnp.nan, flat_x.dtype)
+        curvature = jnp.asarray(jnp.nan, flat_x.dtype)
+    eps = float(jnp.finfo(flat_x.dtype).eps)
+    tol = cfg.tol if cfg.tol is not None else (1e-4 if eps < 1e-10 else 1e-2)
+    max_condition = cfg.max_condition if cfg.max_condition is not None else 1e-2 / eps
+    jax.debug.callback(
+        functools.partial(
+            diagnostics.report_implicit_check,
+            kind=cfg.kind,
+            mode=cfg.check,
+            tol=tol,
+            max_condition=max_condition,
+            expect_positive_definite=cfg.positive_definite,
+        ),
+        jnp.linalg.norm(flat_r),
+        jnp.linalg.norm(flat_x),
+        jnp.linalg.norm(newton_flat),
+        condition,
+        curvature,
+    )
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _implicit_solution(g: Callable[..., PyTree], cfg: ImplicitConfig, x_star: PyTree, args: tuple):
+    # The primal is the solver's output, unchanged; only the derivative rule is special.
+    return x_star
+
+
+@_implicit_solution.defjvp
+def _implicit_solution_jvp(g, cfg, primals, tangents):
+    x_star, args = primals
+    _, args_dot = tangents
+    # Re-entry: under an outer differentiation this ``x`` carries its own (implicit) tangent,
+    # which is what makes second and higher derivatives of the solution map exact.
+    x = _implicit_solution(g, cfg, x_star, args)
+    solver = _solver_for(x, cfg)
+    op = _system_operator(g, x, args, cfg, solver)
+    if cfg.check != "ignore":
+        _check_solution(g, x, args, op, solver, cfg)
+    _, g_dot = jax.jvp(lambda a: g(x, *a), (args,), (args_dot,))
+    rhs = jax.tree_util.tree_map(jnp.negative, g_dot)
+    x_dot = lx.linear_solve(op, rhs, solver).value
+    return x, x_dot
+
+
+def implicit_solution(
+    optimality_fn: Callable[..., PyTree],
+    x_star: PyTree,
+    *params: PyTree,
+    config: ImplicitConfig | None = None,
+) -> PyTree:
+    """Attach implicit derivatives to a solution ``x_star`` of ``optimality_fn(x, *params) = 0``.
+
+    The returned value equals ``x_star``; its derivatives with respect to ``params`` (and to
+    any array ``optimality_fn`` closes over) are those of the implicit function theorem:
+    ``ẋ = -(∂ₓg)⁻¹ ∂θg θ̇``. Derivatives flowing through ``x_star`` itself are discarded.
+
+    Parameters
+    ----------
+    optimality_fn
+        ``g(x, *params)``, returning a pytree with the structure and shapes of ``x``.
+    x_star
+        A solution (a root of ``g``), computed by any means.
+    *params
+        The parameters to differentiate with respect to (pytrees).
+    config
+        An :class:`ImplicitConfig` (default: general root, dense LU or GMRES by size).
+
+    Examples
+    --------
+    >>> import jax, jax.numpy as jnp
+    >>> g = lambda x, a: x**3 - a           # root x* = a^(1/3)
+    >>> f = lambda a: implicit_solution(g, jnp.cbrt(a), a)
+    >>> float(jax.grad(f)(8.0))             # (1/3) a^(-2/3) = 1/12
+    0.0833...
+    """
+    cfg = config if config is not None else ImplicitConfig()
+    x_star = jax.lax.stop_gradient(x_star)
+    _validate_shapes(optimality_fn, x_star, params, cfg)
+    # Hoist arrays that g closes over (tracers of an outer transformation) into explicit
+    # arguments: jax.custom_jvp cannot differentiate through closed-over tracers otherwise.
+    g_converted, hoisted = jax.closure_convert(optimality_fn, x_star, *params)
+    n_params = len(params)
+
+    def g_flat(x, *all_args):
+        return g_converted(x, *all_args[:n_params], *all_args[n_params:])
+
+    return _implicit_solution(g_flat, cfg, x_star, (*params, *hoisted))
+
+
+def _validate_shapes(
+    optimality_fn: Callable[..., PyTree], x: PyTree, params: tuple, cfg: ImplicitConfig
+) -> None:
+    try:
+        out = jax.eval_shape(optimality_fn, x, *params)
+    except TypeError as err:  # wrong arity or non-array outputs
+        raise TypeError(
+            f"Calling the {cfg.kind} optimality function as fn(x, *params) with "
+            f"{len(params)} parameter argument(s) failed: {err}"
+        ) from err
+    x_struct = jax.tree_util.tree_structure(x)
+    x_shapes = [jnp.shape(leaf) for leaf in jax.tree_util.tree_leaves(x)]
+    out_shapes = [leaf.shape for leaf in jax.tree_util.tree_leaves(out)]
+    if jax.tree_util.tree_structure(out) != x_struct or out_shapes != x_shapes:
+        raise ValueError(
+            f"The {cfg.kind} optimality function must return a pytree with the structure and "
+            f"shapes of x (a square system); x has leaves of shapes {x_shapes}, the function "
+            f"returned {jax.tree_util.tree_structure(out)} with shapes {out_shapes}."
+        )
+    for leaf in jax.tree_util.tree_leaves(x):
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+            raise TypeError(
+                f"The solution x must have floating-point leaves to be differentiated, got "
+                f"dtype {jnp.result_type(leaf)}."
+            )
+
+
+def _decorate(optimality_for: Callable[[], Callable[..., PyTree]], cfg: ImplicitConfig):
+    def decorator(solver: Callable[..., PyTree]) -> Callable[..., PyTree]:
+        optimality_fn = optimality_for()
+
+        @functools.wraps(solver)
+        def solve_with_implicit_derivatives(init: PyTree, *params: PyTree) -> PyTree:
+            # The solver never sees tracers with tangents: it is not differentiated (its
+            # iterations are neither unrolled nor required to be differentiable).
+            x_star = solver(init, *jax.lax.stop_gradient(params))
+            return implicit_solution(optimality_fn, x_star, *params, config=cfg)
+
+        return solve_with_implicit_derivatives
+
+    return decorator
+
+
+def root(
+    optimality_fn: Callable[..., PyTree],
+    *,
+    linear_solver: str | lx.AbstractLinearSolver = "auto",
+    symmetric: bool = False,
+    check: CheckMode = "raise",
+    tol: float | None = None,
+    max_condition: float | None = None,
+    solve_rtol: float | None = None,
+    solve_atol: float | None = None,
+) -> Callable[[Callable[..., PyTree]], Callable[..., PyTree]]:
+    """Decorate a root solver ``solve(init, *params) -> x`` with ``g(x, *params) = 0``.
+
+    The decorated solver is differentiable in ``params`` by the implicit function theorem,
+
+    .. math:: \\dot x = -(\\partial_x g)^{-1}\\,\\partial_\\theta g\\,\\dot\\theta,
+
+    in forward and reverse mode and to any order; ``init`` receives no derivative.
+
+    Parameters
+    ----------
+    optimality_fn
+        ``g(x, *params)``, returning a pytree with the structure of ``x``.
+    linear_solver
+        ``"auto"`` (dense LU up to 2000 unknowns, GMRES beyond), ``"lu"``, ``"gmres"``,
+        ``"bicgstab"``, ``"lstsq"``, ``"lsmr"``, ``"qr"``, ``"cholesky"``/``"cg"`` (only with
+        ``symmetric=True``) or a lineax solver.
+    symmetric
+        Declare ``∂ₓg`` symmetric.
+    check
+        ``"raise"``, ``"warn"`` or ``"ignore"`` when the solution is not a root or the system
+        is singular (see :class:`ImplicitConfig`).
+    tol, max_condition, solve_rtol, solve_atol
+        See :class:`ImplicitConfig`.
+
+    Examples
+    --------
+    >>> import jax, jax.numpy as jnp
+    >>> @root(lambda x, a: x**2 - a)
+    ... def sqrt_solver(init, a):
+    ...     return jnp.sqrt(a)
+    >>> float(jax.grad(sqrt_solver, argnums=1)(1.0, 4.0))   # 1 / (2 sqrt(4))
+    0.25
+    """
+    cfg = ImplicitConfig(
+        linear_solver=linear_solver,
+        symmetric=symmetric,
+        check=check,
+        tol=tol,
+        max_condition=max_condition,
+        solve_rtol=solve_rtol,
+        solve_atol=solve_atol,
+        kind="root",
+    )
+    return _decorate(lambda: optimality_fn, cfg)
+
+
+def argmin(
+    objective: Callable[..., jax.Array],
+    *,
+    linear_solver: str | lx.AbstractLinearSolver = "auto",
+    check: CheckMode = "raise",
+    tol: float | None = None,
+    max_condition: float | None = None,
+    solve_rtol: float | None = None,
+    solve_atol: float | None = None,
+) -> Callable[[Callable[..., PyTree]], Callable[..., PyTree]]:
+    """Decorate a minimizer ``solve(init, *params) -> x ≈ argmin_x objective(x, *params)``.
+
+    The optimality condition is ``∇ₓ f(x, θ) = 0`` and the system matrix is the Hessian
+    ``∇²ₓₓ f``, symmetric and, at a strict minimum, positive definite:
+
+    .. math:: \\dot x = -\\big(\\nabla^2_{xx} f\\big)^{-1} \\nabla^2_{x\\theta} f\\,\\dot\\theta .
+
+    The default solver is a dense Cholesky factorization up to 2000 unknowns and matrix-free
+    conjugate gradients (Hessian-vector products, never the matrix) beyond. A point where the
+    Hessian is not positive definite is reported (not a minimum).
+
+    Parameters
+    ----------
+    objective
+        ``f(x, *params)`` returning a scalar.
+    linear_solver, check, tol, max_condition, solve_rtol, solve_atol
+        As in :func:`root`; ``"lu"``/``"gmres"`` accept saddle points.
+
+    Examples
+    --------
+    >>> import jax, jax.numpy as jnp
+    >>> f = lambda x, lam: 0.5 * jnp.sum((x - 1.0) ** 2) + 0.5 * lam * jnp.sum(x**2)
+    >>> @argmin(f)
+    ... def ridge_solver(init, lam):
+    ...     return jnp.ones(3) / (1.0 + lam)         # closed-form minimizer
+    >>> round(float(jax.grad(lambda l: ridge_solver(None, l).sum())(1.0)), 6)  # -3/(1+l)^2
+    -0.75
+    """
+    cfg = ImplicitConfig(
+        linear_solver=linear_solver,
+        symmetric=True,
+        positive_definite=True,
+        check=check,
+        tol=tol,
+        max_condition=max_condition,
+        solve_rtol=solve_rtol,
+        solve_atol=solve_atol,
+        kind="argmin",
+    )
+    return _decorate(lambda: gradient_optimality(objective), cfg)
+
+
+def fixed_point(
+    fixed_point_fn: Callable[..., PyTree],
+    *,
+    linear_solver: str | lx.AbstractLinearSolver = "auto",
+    check: CheckMode = "raise",
+    tol: float | None = None,
+    max_condition: float | None = None,
+    solve_rtol: float | None = None,
+    solve_atol: float | None = None,
+) -> Callable[[Callable[..., PyTree]], Callable[..., PyTree]]:
+    """Decorate a solver of ``x = T(x, *params)`` (optimality ``T(x, θ) - x = 0``).
+
+    This is how proximal and projected solvers of non-smooth problems are differentiated:
+    with ``T(x, θ) = prox_{τ h}(x - τ∇f(x, θ))`` the derivative ``(I - ∂ₓT)⁻¹ ∂θT`` is the
+    Jacobian of the solution restricted to where the prox is differentiable (for the Lasso,
+    the support).
+
+    Examples
+    --------
+    >>> import jax, jax.numpy as jnp
+    >>> T = lambda x, a: 0.5 * (x + a / x)          # Babylonian iteration for sqrt(a)
+    >>> @fixed_point(T)
+    ... def babylonian(init, a):
+    ...     return jax.lax.fori_loop(0, 30, lambda i, x: T(x, a), init)
+    >>> round(float(jax.grad(babylonian, argnums=1)(1.0, 9.0)), 6)   # 1/(2*3)
+    0.166667
+    """
+    cfg = ImplicitConfig(
+        linear_solver=linear_solver,
+        check=check,
+        tol=tol,
+        max_condition=max_condition,
+        solve_rtol=solve_rtol,
+        solve_atol=solve_atol,
+        kind="fixed_point",
+    )
+
+    def residual(x, *params):
+        return jax.tree_util.tree_map(jnp.subtract, fixed_point_fn(x, *params), x)
+
+    return _decorate(lambda: residual, cfg)
+
+
+def gradient_optimality(objective: Callable[..., jax.Array]) -> Callable[..., PyTree]:
+    """The optimality function ``g(x, *params) = ∇ₓ objective(x, *params)`` of an argmin.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> g = gradient_optimality(lambda x, a: jnp.sum((x - a) ** 2))
+    >>> g(jnp.zeros(2), jnp.ones(2)).tolist()
+    [-2.0, -2.0]
+    """
+
+    def optimality(x: PyTree, *params: PyTree) -> PyTree:
+        return jax.grad(objective)(x, *params)
+
+    return optimality
