@@ -1,5 +1,32 @@
-"""dargmin: derivatives of the solutions of optimization problems, built on JAX."""
+"""dargmin: derivatives of the solutions of optimization problems, built on JAX.
 
+* :mod:`dargmin.implicit` — ``root``, ``argmin``, ``fixed_point``: make any solver
+  differentiable by the implicit function theorem (forward, reverse, any order).
+* :mod:`dargmin.diagnostics` — ``check_optimum`` and the errors raised when the implicit
+  function theorem does not apply (not converged, singular, not a minimum).
+* :mod:`dargmin.taylor` — ``TaylorExpansion``: higher-order Taylor series of an optimum.
+* :mod:`dargmin.derivatives`, :mod:`dargmin.curvature`, :mod:`dargmin.finite_differences` —
+  the derivative toolbox (HVP, Gauss–Newton products, Lanczos, trace estimators, finite
+  differences and a gradient checker).
+"""
+
+from dargmin.curvature import (
+    EigenEstimate,
+    hutch_plus_plus_trace,
+    hutchinson_trace,
+    lanczos_extreme_eigenvalues,
+    spectrum_dense,
+)
+from dargmin.derivatives import (
+    CGSolution,
+    gauss_newton_vector_product,
+    hessian_vector_product,
+    jacobian,
+    jvp_from_vjps,
+    rayleigh_quotient,
+    solve_cg,
+    solve_cg_with_info,
+)
 from dargmin.diagnostics import (
     DargminError,
     DargminWarning,
@@ -7,6 +34,17 @@ from dargmin.diagnostics import (
     OptimumReport,
     SingularSystemError,
     check_optimum,
+)
+from dargmin.finite_differences import (
+    GradientCheckReport,
+    LeafError,
+    check_grads,
+    directional_derivative_fd,
+    finite_difference_derivative,
+    gradient_fd,
+    hessian_fd,
+    hvp_fd,
+    jacobian_fd,
 )
 from dargmin.implicit import (
     ImplicitConfig,
@@ -17,20 +55,46 @@ from dargmin.implicit import (
     root,
 )
 from dargmin.linear_solvers import make_linear_solver
+from dargmin.taylor import AccuracyReport, TaylorExpansion, taylor_expand
 
 __version__ = "0.1.0"
 __all__ = [
+    "AccuracyReport",
+    "CGSolution",
     "DargminError",
     "DargminWarning",
+    "EigenEstimate",
+    "GradientCheckReport",
     "ImplicitConfig",
+    "LeafError",
     "NonStationaryPointError",
     "OptimumReport",
     "SingularSystemError",
+    "TaylorExpansion",
     "argmin",
+    "check_grads",
     "check_optimum",
+    "directional_derivative_fd",
+    "finite_difference_derivative",
     "fixed_point",
+    "gauss_newton_vector_product",
+    "gradient_fd",
     "gradient_optimality",
+    "hessian_fd",
+    "hessian_vector_product",
+    "hutch_plus_plus_trace",
+    "hutchinson_trace",
+    "hvp_fd",
     "implicit_solution",
+    "jacobian",
+    "jacobian_fd",
+    "jvp_from_vjps",
+    "lanczos_extreme_eigenvalues",
     "make_linear_solver",
+    "rayleigh_quotient",
     "root",
+    "solve_cg",
+    "solve_cg_with_info",
+    "spectrum_dense",
+    "taylor_expand",
 ]

@@ -8,6 +8,7 @@ Rayleigh quotients and conjugate gradients on pytrees.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
@@ -116,7 +117,7 @@ def gauss_newton_vector_product(
 
 
 def _pytree_size(tree: PyTree) -> int:
-    return sum(int(jnp.size(leaf)) for leaf in jax.tree_util.tree_leaves(tree))
+    return sum(math.prod(jnp.shape(leaf)) for leaf in jax.tree_util.tree_leaves(tree))
 
 
 def jacobian(f: Callable[[PyTree], PyTree], x: PyTree, mode: JacobianMode = "auto") -> PyTree:
@@ -165,9 +166,7 @@ def jacobian(f: Callable[[PyTree], PyTree], x: PyTree, mode: JacobianMode = "aut
     raise ValueError(f"mode must be 'auto', 'forward' or 'reverse', got {mode!r}.")
 
 
-def jvp_from_vjps(
-    f: Callable[[PyTree], PyTree], x: PyTree, v: PyTree
-) -> tuple[PyTree, PyTree]:
+def jvp_from_vjps(f: Callable[[PyTree], PyTree], x: PyTree, v: PyTree) -> tuple[PyTree, PyTree]:
     r"""Jacobian-vector product computed with two VJPs (the "double-VJP trick").
 
     The VJP map :math:`u \mapsto J^\top u` is linear in :math:`u`; its own VJP with

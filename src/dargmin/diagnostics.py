@@ -14,6 +14,8 @@ size 1e15 where finite differences of re-optimization give ~1. This module
 
 from __future__ import annotations
 
+import logging
+import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,6 +45,19 @@ class DargminWarning(UserWarning):
     """Warning counterpart of :class:`DargminError` (``check="warn"``)."""
 
 
+class _DropDargminCallbackTracebacks(logging.Filter):
+    """JAX logs a traceback for every exception raised in a debug callback before it
+    re-raises it; ours carry a complete message already, so the log would only repeat it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, DargminError)
+
+
+for _logger_name in ("jax._src.debugging", "jax._src.callback"):
+    logging.getLogger(_logger_name).addFilter(_DropDargminCallbackTracebacks())
+
+
 def _worst(value: Any, *, largest: bool = True) -> float:
     """Reduce a possibly batched (vmapped) measurement to its worst entry."""
     arr = np.asarray(value, dtype=float).ravel()
@@ -65,13 +80,18 @@ def report_implicit_check(
     tol: float,
     max_condition: float,
     expect_positive_definite: bool,
-) -> None:
+) -> np.ndarray:
     """Host-side half of the check made before every implicit derivative.
 
-    Called through ``jax.debug.callback`` with the measured numbers (possibly batched by
-    ``vmap``); raises :class:`NonStationaryPointError` / :class:`SingularSystemError` or
-    warns with :class:`DargminWarning`, according to ``mode``.
+    Called through ``jax.pure_callback`` with the measured numbers (possibly batched by
+    ``vmap``, with leading batch axes); raises :class:`NonStationaryPointError` /
+    :class:`SingularSystemError` or warns with :class:`DargminWarning`, according to
+    ``mode``. Returns zeros of the batch shape (the caller adds them to ``x``).
     """
+    batch_shape = np.broadcast_shapes(
+        *(np.shape(v) for v in (residual_norm, x_norm, newton_norm, condition, curvature))
+    )
+    passed = np.zeros(batch_shape, dtype=np.asarray(x_norm).dtype)
     res, xn, step = _worst(residual_norm), _worst(x_norm), _worst(newton_norm)
     cond, curv = _worst(condition), _worst(curvature, largest=False)
     system = "Hessian" if kind == "argmin" else "Jacobian ∂ₓg"
@@ -89,8 +109,8 @@ def report_implicit_check(
         problems.append(
             (
                 SingularSystemError,
-                f"solving with the {system} at the solution gave non-finite values: the "
-                f"{system} is singular"
+                f"solving with the {system} at the solution gave non-finite values (or an "
+                f"iterative solver did not converge): the {system} is singular"
                 + (
                     " or not positive definite (not a strict minimum)"
                     if expect_positive_definite
@@ -132,13 +152,14 @@ def report_implicit_check(
                 )
             )
     if not problems:
-        return
+        return passed
     message = f"dargmin.{kind}: cannot differentiate the solution: " + " Also, ".join(
         text for _, text in problems
     )
     if mode == "raise":
         raise problems[0][0](message)
     warnings.warn(message, DargminWarning, stacklevel=2)
+    return passed
 
 
 @dataclass(frozen=True)
@@ -353,3 +374,22 @@ def check_optimum(
         verdict=verdict,
         message=message,
     )
+
+
+_ERROR_TYPES: dict[str, type[DargminError]] = {
+    cls.__name__: cls for cls in (DargminError, NonStationaryPointError, SingularSystemError)
+}
+
+
+def reraise_typed(err: Exception) -> None:
+    """Re-raise a dargmin error that surfaced as a ``JaxRuntimeError`` from compiled code.
+
+    Checks run in a host callback; when they fail inside compiled code JAX wraps the
+    exception. Where the caller is eager, the typed error (with its message) is restored so
+    that ``except dargmin.NonStationaryPointError`` works. Returns if ``err`` is not ours.
+    """
+    text = str(err)
+    match = re.search(r"(\w+Error): (dargmin\.\w+: cannot differentiate.*)", text, flags=re.S)
+    if match and match.group(1) in _ERROR_TYPES:
+        message = match.group(2).strip().splitlines()[0]
+        raise _ERROR_TYPES[match.group(1)](message) from None

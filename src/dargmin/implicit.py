@@ -94,22 +94,22 @@ def _result_dtype(tree: PyTree) -> jnp.dtype:
     return jnp.result_type(*leaves) if leaves else jnp.dtype(jnp.float32)
 
 
-def _system_operator(
-    g: Callable[..., PyTree], x: PyTree, args: tuple, cfg: ImplicitConfig, solver: Any
-) -> lx.AbstractLinearOperator:
-    """The linear operator ``v ↦ ∂ₓg(x, θ) v`` (matrix-free: a Jacobian-vector product)."""
-    tags: tuple = ()
+def _operator_tags(cfg: ImplicitConfig, solver: lx.AbstractLinearSolver) -> tuple:
     if cfg.symmetric:
-        tags = (lx.symmetric_tag,)
         if cfg.positive_definite or needs_spd_tags(solver):
-            tags = (lx.symmetric_tag, lx.positive_semidefinite_tag)
-    elif needs_spd_tags(solver):
+            return (lx.symmetric_tag, lx.positive_semidefinite_tag)
+        return (lx.symmetric_tag,)
+    if needs_spd_tags(solver):
         raise ValueError(
             f"linear_solver={cfg.linear_solver!r} needs a symmetric positive-definite system, "
             f"but this {cfg.kind} problem has a general Jacobian. Use 'lu', 'gmres' or "
             "'bicgstab', or use dargmin.argmin when the system is a Hessian."
         )
-    return lx.JacobianLinearOperator(lambda xx, a: g(xx, *a), x, args, tags=tags)
+    return ()
+
+
+def _is_dense(solver: lx.AbstractLinearSolver) -> bool:
+    return isinstance(solver, lx.Cholesky | lx.LU | lx.QR | lx.SVD)
 
 
 def _solver_for(x: PyTree, cfg: ImplicitConfig) -> lx.AbstractLinearSolver:
@@ -126,57 +126,61 @@ def _solver_for(x: PyTree, cfg: ImplicitConfig) -> lx.AbstractLinearSolver:
 
 
 def _check_solution(
-    g: Callable[..., PyTree],
+    residual: PyTree,
     x: PyTree,
-    args: tuple,
-    op: lx.AbstractLinearOperator,
-    solver: lx.AbstractLinearSolver,
+    solve_flat: Callable[[jax.Array], tuple[jax.Array, jax.Array]],
+    matrix: jax.Array | None,
     cfg: ImplicitConfig,
-) -> None:
+) -> jax.Array:
     """Measure stationarity and conditioning at ``x`` and report through a host callback.
 
-    The host callback (``jax.debug.callback``) is what lets the error carry the measured
-    numbers under ``jax.jit`` and ``jax.vmap``; ``equinox.error_if`` only takes static text.
+    ``solve_flat(b)`` solves the system for a flat right-hand side and returns the solution
+    and a failure flag; ``matrix`` is the dense system matrix when one was built. The host
+    callback is what lets the error carry the measured numbers under ``jax.jit`` and
+    ``jax.vmap`` (``equinox.error_if`` only takes static text). Returns a zero scalar that
+    the caller must make the derivative depend on, so the check is never dead code.
     """
-    residual = g(x, *args)
     flat_x, _ = ravel_pytree(x)
     flat_r, _ = ravel_pytree(residual)
-    dense = isinstance(solver, lx.Cholesky | lx.LU | lx.QR | lx.SVD)
-    # A fixed pseudo-random probe b: ‖A b‖‖A⁻¹ b‖/‖b‖² is a lower bound of cond(A), so it
-    # never raises a false alarm, and bᵀA⁻¹b < 0 proves the matrix is not positive definite.
-    probe_flat = jax.random.normal(jax.random.key(0), flat_x.shape, dtype=flat_x.dtype)
-    _, unravel = ravel_pytree(residual)
-    if dense:
-        rhs = jnp.stack([flat_r, probe_flat])
-        sols = jax.vmap(
-            lambda b: ravel_pytree(lx.linear_solve(op, unravel(b), solver, throw=False).value)[0]
-        )(rhs)
-        newton_flat, probe_sol = sols[0], sols[1]
-        probe_image = ravel_pytree(op.mv(unravel(probe_flat)))[0]
-        probe_norm2 = jnp.sum(probe_flat**2)
-        condition = jnp.linalg.norm(probe_image) * jnp.linalg.norm(probe_sol) / probe_norm2
-        curvature = jnp.vdot(probe_flat, probe_sol)
+    newton_flat, failed = solve_flat(flat_r)
+    # A failed (e.g. early-stopped Krylov) solve returns a finite but wrong vector: mark it
+    # non-finite so the report names the failure instead of trusting the step.
+    newton_flat = jnp.where(failed, jnp.nan, newton_flat)
+    if matrix is not None:
+        # A fixed pseudo-random probe b: ‖A b‖‖A⁻¹ b‖/‖b‖² is a lower bound of cond(A), so
+        # it never raises a false alarm, and bᵀA⁻¹b < 0 proves A is not positive definite.
+        probe = jax.random.normal(jax.random.key(0), flat_x.shape, dtype=flat_x.dtype)
+        probe_sol, _ = solve_flat(probe)
+        condition = jnp.linalg.norm(matrix @ probe) * jnp.linalg.norm(probe_sol) / jnp.sum(probe**2)
+        curvature = jnp.vdot(probe, probe_sol)
     else:
-        newton_flat = ravel_pytree(lx.linear_solve(op, residual, solver, throw=False).value)[0]
         condition = jnp.asarray(jnp.nan, flat_x.dtype)
         curvature = jnp.asarray(jnp.nan, flat_x.dtype)
     eps = float(jnp.finfo(flat_x.dtype).eps)
     tol = cfg.tol if cfg.tol is not None else (1e-4 if eps < 1e-10 else 1e-2)
     max_condition = cfg.max_condition if cfg.max_condition is not None else 1e-2 / eps
-    jax.debug.callback(
-        functools.partial(
-            diagnostics.report_implicit_check,
-            kind=cfg.kind,
-            mode=cfg.check,
-            tol=tol,
-            max_condition=max_condition,
-            expect_positive_definite=cfg.positive_definite,
-        ),
+    measurements = (
         jnp.linalg.norm(flat_r),
         jnp.linalg.norm(flat_x),
         jnp.linalg.norm(newton_flat),
         condition,
         curvature,
+    )
+    report = functools.partial(
+        diagnostics.report_implicit_check,
+        kind=cfg.kind,
+        mode=cfg.check,
+        tol=tol,
+        max_condition=max_condition,
+        expect_positive_definite=cfg.positive_definite,
+    )
+    # pure_callback rather than jax.debug.callback: its result is used, so it cannot be
+    # dropped, and it carries no ordering effect into the compiled derivative.
+    return jax.pure_callback(
+        report,
+        jax.ShapeDtypeStruct((), flat_x.dtype),
+        *measurements,
+        vmap_method="expand_dims",
     )
 
 
@@ -194,12 +198,48 @@ def _implicit_solution_jvp(g, cfg, primals, tangents):
     # which is what makes second and higher derivatives of the solution map exact.
     x = _implicit_solution(g, cfg, x_star, args)
     solver = _solver_for(x, cfg)
-    op = _system_operator(g, x, args, cfg, solver)
+    tags = _operator_tags(cfg, solver)
+    jacobian_op = lx.JacobianLinearOperator(lambda xx, a: g(xx, *a), x, args, tags=tags)
+    unravel = ravel_pytree(x)[1]
+    # Dense solvers: build the matrix once (n Jacobian-vector products) and share it between
+    # the check and the solve. Matrix-free solvers never build it.
+    matrix = jacobian_op.as_matrix() if _is_dense(solver) else None
     if cfg.check != "ignore":
-        _check_solution(g, x, args, op, solver, cfg)
+        frozen = jax.lax.stop_gradient  # the check is measured, never differentiated
+        if matrix is not None:
+            check_op = lx.MatrixLinearOperator(frozen(matrix), tags)
+        else:
+            check_op = lx.JacobianLinearOperator(
+                lambda xx, a: g(xx, *a), frozen(x), frozen(args), tags=tags
+            )
+
+        def solve_flat(b):
+            vector = b if matrix is not None else unravel(b)
+            sol = lx.linear_solve(check_op, vector, solver, throw=False)
+            return ravel_pytree(sol.value)[0], sol.result != lx.RESULTS.successful
+
+        frozen_matrix = frozen(matrix) if matrix is not None else None
+        verified = _check_solution(frozen(g(x, *args)), frozen(x), solve_flat, frozen_matrix, cfg)
+        # Scaling by (1 + 0) makes the solve depend on the check, so the check runs (and names
+        # the problem) before lineax can fail on a singular matrix.
+        if matrix is not None:
+            matrix = matrix * (1 + verified)
+        else:
+            jacobian_op = lx.JacobianLinearOperator(
+                lambda xx, a: jax.tree_util.tree_map(lambda l: l * (1 + verified), g(xx, *a)),
+                x,
+                args,
+                tags=tags,
+            )
     _, g_dot = jax.jvp(lambda a: g(x, *a), (args,), (args_dot,))
     rhs = jax.tree_util.tree_map(jnp.negative, g_dot)
-    x_dot = lx.linear_solve(op, rhs, solver).value
+    if matrix is not None:
+        flat_dot = lx.linear_solve(
+            lx.MatrixLinearOperator(matrix, tags), ravel_pytree(rhs)[0], solver
+        ).value
+        x_dot = unravel(flat_dot)
+    else:
+        x_dot = lx.linear_solve(jacobian_op, rhs, solver).value
     return x, x_dot
 
 
@@ -237,6 +277,21 @@ def implicit_solution(
     cfg = config if config is not None else ImplicitConfig()
     x_star = jax.lax.stop_gradient(x_star)
     _validate_shapes(optimality_fn, x_star, params, cfg)
+    try:
+        return _attach_implicit_derivatives(optimality_fn, cfg, x_star, params)
+    except jax.errors.JaxRuntimeError as err:
+        # The check raised inside compiled code; give eager callers the typed error back.
+        diagnostics.reraise_typed(err)
+        raise
+
+
+# Compiled once per (optimality function, configuration, shapes): without this, eager
+# callers (``jax.grad(solve)(theta)`` outside ``jit``) pay lineax's tracing on every call
+# (~1 s); inside a user's ``jit`` this inner ``jit`` is simply inlined.
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _attach_implicit_derivatives(
+    optimality_fn: Callable[..., PyTree], cfg: ImplicitConfig, x_star: PyTree, params: tuple
+) -> PyTree:
     # Hoist arrays that g closes over (tracers of an outer transformation) into explicit
     # arguments: jax.custom_jvp cannot differentiate through closed-over tracers otherwise.
     g_converted, hoisted = jax.closure_convert(optimality_fn, x_star, *params)
@@ -315,7 +370,7 @@ def root(
     optimality_fn
         ``g(x, *params)``, returning a pytree with the structure of ``x``.
     linear_solver
-        ``"auto"`` (dense LU up to 2000 unknowns, GMRES beyond), ``"lu"``, ``"gmres"``,
+        ``"auto"`` (dense LU up to 200 unknowns, GMRES beyond), ``"lu"``, ``"gmres"``,
         ``"bicgstab"``, ``"lstsq"``, ``"lsmr"``, ``"qr"``, ``"cholesky"``/``"cg"`` (only with
         ``symmetric=True``) or a lineax solver.
     symmetric
@@ -365,7 +420,7 @@ def argmin(
 
     .. math:: \\dot x = -\\big(\\nabla^2_{xx} f\\big)^{-1} \\nabla^2_{x\\theta} f\\,\\dot\\theta .
 
-    The default solver is a dense Cholesky factorization up to 2000 unknowns and matrix-free
+    The default solver is a dense Cholesky factorization up to 200 unknowns and matrix-free
     conjugate gradients (Hessian-vector products, never the matrix) beyond. A point where the
     Hessian is not positive definite is reported (not a minimum).
 

@@ -31,8 +31,9 @@ import lineax as lx
 
 SolverName = Literal["auto", "cholesky", "lu", "cg", "gmres", "bicgstab", "lstsq", "lsmr", "qr"]
 
-#: Above this many unknowns, ``"auto"`` switches from dense factorizations to Krylov methods.
-DENSE_MAX_SIZE = 2000
+#: Above this many unknowns, ``"auto"`` switches from dense factorizations to Krylov
+#: methods (building the dense matrix costs one Jacobian-vector product per unknown).
+DENSE_MAX_SIZE = 200
 
 _NAMES = ("auto", "cholesky", "lu", "cg", "gmres", "bicgstab", "lstsq", "lsmr", "qr")
 
