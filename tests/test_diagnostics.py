@@ -194,3 +194,34 @@ def test_shape_mismatch_and_bad_options_are_clear_errors():
         dargmin.argmin(quadratic, check="loud")
     with pytest.raises(TypeError, match="floating-point"):
         dargmin.root(lambda x, b: x - b)(lambda i, b: jnp.arange(3))(None, jnp.arange(3))
+
+
+def test_krylov_solve_that_does_not_converge_is_reported_not_silent():
+    # JAXopt returns a zero/garbage vector silently here (jaxopt#466); dargmin must not.
+    import lineax as lx
+
+    rng = np.random.default_rng(1)
+    r = rng.normal(size=(40, 40))
+    q = jnp.asarray(r @ r.T + 1e-3 * np.eye(40))  # ill-conditioned SPD
+
+    def f(x, c):
+        return 0.5 * x @ q @ x - c @ x
+
+    starved = lx.CG(rtol=1e-12, atol=0.0, max_steps=2)
+
+    @dargmin.argmin(f, linear_solver=starved)
+    def solve(init, c):
+        return jnp.linalg.solve(q, c)
+
+    c = jnp.asarray(rng.normal(size=40))
+    with pytest.raises(dargmin.SingularSystemError, match="did not converge"):
+        jax.jacrev(solve, 1)(None, c)
+    # With the check off, lineax's own guard still refuses to return the unconverged vector.
+    unchecked = dargmin.argmin(f, linear_solver=starved, check="ignore")(solve.__wrapped__)
+    with pytest.raises(Exception, match="maximum number of solver steps"):
+        jax.jacrev(unchecked, 1)(None, c)
+
+
+def test_nonconverged_solution_is_caught_by_the_matrix_free_check_too():
+    with pytest.raises(dargmin.NonStationaryPointError, match="not a stationary point"):
+        jax.jacrev(_decorated(0.1, linear_solver="cg"), 1)(None, SCALES)
