@@ -5,6 +5,8 @@
 * :mod:`dargmin.diagnostics` — ``check_optimum`` and the errors raised when the implicit
   function theorem does not apply (not converged, singular, not a minimum).
 * :mod:`dargmin.taylor` — ``TaylorExpansion``: higher-order Taylor series of an optimum.
+* :mod:`dargmin.sensitivity` — influence functions, infinitesimal jackknife and approximate
+  leave-one-out of M-estimators.
 * :mod:`dargmin.derivatives`, :mod:`dargmin.curvature`, :mod:`dargmin.finite_differences` —
   the derivative toolbox (HVP, Gauss–Newton products, Lanczos, trace estimators, finite
   differences and a gradient checker).
@@ -55,6 +57,14 @@ from dargmin.implicit import (
     root,
 )
 from dargmin.linear_solvers import make_linear_solver
+from dargmin.sensitivity import (
+    approximate_cv_error,
+    approximate_leave_one_out,
+    infinitesimal_jackknife,
+    influence_on_function,
+    influence_on_params,
+    jackknife_variance,
+)
 from dargmin.taylor import AccuracyReport, TaylorExpansion, taylor_expand
 
 __version__ = "0.1.0"
@@ -71,6 +81,8 @@ __all__ = [
     "OptimumReport",
     "SingularSystemError",
     "TaylorExpansion",
+    "approximate_cv_error",
+    "approximate_leave_one_out",
     "argmin",
     "check_grads",
     "check_optimum",
@@ -86,6 +98,10 @@ __all__ = [
     "hutchinson_trace",
     "hvp_fd",
     "implicit_solution",
+    "infinitesimal_jackknife",
+    "influence_on_function",
+    "influence_on_params",
+    "jackknife_variance",
     "jacobian",
     "jacobian_fd",
     "jvp_from_vjps",
