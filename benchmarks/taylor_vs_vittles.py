@@ -9,10 +9,12 @@ For orders ``k = 1..4`` we time the directional derivatives ``x_1..x_k`` of ``x*
     ``benchmarks/.venv-vittles``, created on first use, because it needs numpy<2 and
     scipy<1.14), its Hessian passed in (the same matrix for everyone);
 (b) nested ``jax.jvp`` (k levels) through a ``dargmin.argmin``-decorated solver, jitted (the
-    k-th derivative only; the decorator re-forms and re-factorizes the Hessian at every level);
+    k-th derivative only; the decorator re-forms and re-factorizes the Hessian at every level;
+    above 200 unknowns its default CG solver is timed too and the faster one kept);
 (c) ``dargmin.TaylorExpansion.derivatives(Δ, order=k)`` (Hessian factorized once at setup).
 
-Times are medians over repeats on one thread (XLA and BLAS single-threaded); compilation and
+Times are medians over repeats on one thread (XLA and BLAS single-threaded), (b) and (c)
+interleaved call by call so that background load hits both alike; compilation and
 setup are reported separately. Results: ``benchmarks/results/taylor_vs_vittles.md``.
 
 Run: ``python benchmarks/taylor_vs_vittles.py`` (full, a few minutes) or ``--quick``.
@@ -125,21 +127,32 @@ def make_problem(dim: int, hyper: int, seed: int = 0):
     return a_np, objective, x0, theta0, delta, np.asarray(hess(x0, theta0))
 
 
-def median_time(fn, budget: float, min_repeats: int = 5, max_repeats: int = 200) -> float:
-    samples: list[float] = []
+def median_times(
+    fns: dict, budget: float, min_repeats: int = 7, max_repeats: int = 300
+) -> dict[str, float]:
+    """Median wall time of each function, the functions called in turn (interleaved).
+
+    Interleaving exposes every method to the same background load (this machine is shared),
+    so that the ratios stay meaningful even when the absolute times drift.
+    """
+    samples: dict[str, list[float]] = {name: [] for name in fns}
     spent = 0.0
-    while len(samples) < min_repeats or (spent < budget and len(samples) < max_repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        samples.append(time.perf_counter() - start)
-        spent += samples[-1]
-    return float(np.median(samples))
+    while len(samples[next(iter(fns))]) < min_repeats or (
+        spent < budget * len(fns) and len(samples[next(iter(fns))]) < max_repeats
+    ):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            samples[name].append(time.perf_counter() - start)
+            spent += samples[name][-1]
+    return {name: float(np.median(s)) for name, s in samples.items()}
 
 
-def nested_jvp_fn(objective, order: int):
+def nested_jvp_fn(objective, order: int, linear_solver: str = "auto"):
     """Jitted ``(x0, θ0, Δ) ↦ d^k/dt^k x*(θ0+tΔ)`` by k nested jvp through dargmin.argmin."""
 
-    @dargmin.argmin(objective, check="ignore")  # no checks: the fastest nested baseline
+    # No checks: the fastest nested baseline.
+    @dargmin.argmin(objective, check="ignore", linear_solver=linear_solver)
     def solver(init: jax.Array, theta: jax.Array) -> jax.Array:
         return init  # x0 is the exact solution at θ0, the only point evaluated
 
@@ -160,19 +173,36 @@ def run_size(dim: int, hyper: int, vittles_python: Path | None, budget: float) -
     te = TaylorExpansion(objective, x0, theta0, order=MAX_ORDER)
     out["dargmin_setup"] = time.perf_counter() - start
     out["dargmin"], out["dargmin_compile"], out["nested"], out["nested_compile"] = {}, {}, {}, {}
+    out["nested_solver"] = {}
     ours: list = []
     nested_vals: dict[int, np.ndarray] = {}
     for k in range(1, MAX_ORDER + 1):
         start = time.perf_counter()
         ours = jax.block_until_ready(te.derivatives(delta, order=k))
         out["dargmin_compile"][k] = time.perf_counter() - start
-        out["dargmin"][k] = median_time(lambda k=k: te.derivatives(delta, order=k), budget)
 
-        fn = nested_jvp_fn(objective, k)
-        start = time.perf_counter()
-        nested_vals[k] = np.asarray(jax.block_until_ready(fn(x0, theta0, delta)))
-        out["nested_compile"][k] = time.perf_counter() - start
-        out["nested"][k] = median_time(lambda fn=fn: fn(x0, theta0, delta), budget)
+        # dargmin.argmin's "auto" solver is dense up to 200 unknowns and CG beyond; above
+        # 200 both are timed and the faster one is the baseline (CG is faster at order 1,
+        # dense Cholesky at higher orders; CG is accurate to its 1e-8-ish tolerance only).
+        solvers = ["auto"] if dim <= 200 else ["cholesky", "auto"]
+        fns = {}
+        for name in solvers:
+            fns[name] = nested_jvp_fn(objective, k, name)
+            start = time.perf_counter()
+            value = np.asarray(jax.block_until_ready(fns[name](x0, theta0, delta)))
+            if name == solvers[0]:
+                nested_vals[k] = value
+                out["nested_compile"][k] = time.perf_counter() - start
+        # Same protocol for all: compiled once, same device-resident inputs, public call
+        # (dargmin's includes its small Python wrapper), result blocked on; interleaved.
+        times = median_times(
+            {"dargmin": lambda k=k: te.derivatives(delta, order=k)}
+            | {name: (lambda fn=fn: fn(x0, theta0, delta)) for name, fn in fns.items()},
+            budget,
+        )
+        out["dargmin"][k] = times["dargmin"]
+        best = min(solvers, key=lambda name: times[name])
+        out["nested"][k], out["nested_solver"][k] = times[best], best
     ours_np = [np.asarray(v) for v in ours]
 
     def rel(p: np.ndarray, q: np.ndarray) -> float:
@@ -223,6 +253,11 @@ def render(results: list[dict]) -> str:
         "Objective: `½ xᵀAx + mean(x−0.5)⁵·mean(θ−0.5)⁵`, `A = RRᵀ + I`, `θ₀ = 0`, "
         "`Δ = 0.1·U(0,1)`. Times in ms, median over repeats, excluding compilation/setup;",
         "'order k' = all derivatives `x_1..x_k` (vittles, dargmin) or the k-th only (nested).",
+        "dargmin and nested jvp are timed interleaved in one process (shared, loaded machine: "
+        "absolute times drift, ratios less); vittles runs afterwards in its own process.",
+        "Nested jvp: dense Cholesky re-formed and re-factorized at every level (dargmin.argmin's "
+        "default up to 200 unknowns); at 1000 unknowns also its default CG, and the faster of "
+        "the two is shown ('(CG)' marks CG: faster at order 1, accurate to ~1e-8 only).",
         "",
         "| size | order | vittles | nested jvp | dargmin | vittles/dargmin | nested/dargmin |",
         "|---|---|---|---|---|---|---|",
@@ -231,9 +266,10 @@ def render(results: list[dict]) -> str:
         for k in range(1, MAX_ORDER + 1):
             ours = res["dargmin"][k]
             vit = res.get("vittles", {}).get(k)
+            cg = res["nested_solver"][k] == "auto" and res["dim"] > 200
             lines.append(
                 f"| {res['size']} | {k} | {fmt_ms(vit) if vit else '—'} | "
-                f"{fmt_ms(res['nested'][k])} | {fmt_ms(ours)} | "
+                f"{fmt_ms(res['nested'][k])}{' (CG)' if cg else ''} | {fmt_ms(ours)} | "
                 f"{f'{vit / ours:.0f}×' if vit else '—'} | {res['nested'][k] / ours:.1f}× |"
             )
     lines += [

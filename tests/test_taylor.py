@@ -303,3 +303,74 @@ def test_nested_method_matches_jet_without_warning(ridge):
     pairs = zip(jet_te.derivatives(0.3, order=3), nested.derivatives(0.3), strict=True)
     for p, q in pairs:
         assert _rel(q, p) < 1e-12
+
+
+# ------------------------------------------------------- Taylor mode with symbolic zeros
+
+
+def test_taylor_residuals_match_jax_jet_through_jit_custom_jvp_where_and_div():
+    # The residuals come from dargmin's own jaxpr walk (zeros kept symbolic, other rules
+    # borrowed from jet); check it against jax.experimental.jet itself on a function that
+    # exercises nested jit, select, division, integer powers, sin, tanh and a dot
+    # of two series.
+    from jax.experimental import jet
+
+    from dargmin.taylor import _residual_jet
+
+    rng = np.random.default_rng(3)
+    b = jnp.asarray(rng.normal(size=(4, 4)))
+
+    @jax.jit
+    def inner(x, th):
+        return jnp.where(x > 0.0, x**3, jnp.exp(x)) / (2.0 + th[0] ** 2)
+
+    def g(x, th):
+        return (
+            b @ x
+            + inner(x, th)
+            + jnp.sin(x + th[1])
+            + (x @ x) * jnp.tanh(th).sum()
+            + th[0] * x / 3.0
+        )
+
+    x0 = jnp.asarray(rng.normal(size=4))
+    th0 = jnp.array([0.3, 0.7])
+    delta = jnp.array([0.5, -1.0])
+    xs = [jnp.asarray(rng.normal(size=4)) for _ in range(4)]
+    for k in range(1, 6):
+        ours = jax.jit(lambda d, xs=xs[: k - 1]: _residual_jet(g, x0, th0, d, xs))(delta)
+        x_series = [*xs[: k - 1], jnp.zeros(4)]
+        th_series = [delta] + [jnp.zeros(2)] * (k - 1)
+        reference = jet.jet(g, (x0, th0), (x_series, th_series))[1][-1]
+        assert _rel(ours, reference) < 1e-12, k
+
+
+def test_compiled_derivatives_do_no_matrix_products_for_a_quadratic():
+    # Regression: with jax.experimental.jet every zero coefficient (the series of a
+    # closed-over matrix, the vanishing top order x_k) was a dense array of zeros, so each
+    # call multiplied n×n matrices by zeros (and copied the factor): at n = 1000 that was
+    # > 90 % of the time. The quadratic part contributes nothing to r_k (x_k = 0), so the
+    # compiled function must contain no dot at all, only the triangular solves.
+    n = 40
+    rng = np.random.default_rng(4)
+    r = rng.uniform(size=(n, n))
+    a = jnp.asarray(r @ r.T + np.eye(n))
+
+    def f(x, th):
+        return 0.5 * x @ a @ x + jnp.mean(x - 0.5) ** 5 * jnp.mean(th - 0.5) ** 5
+
+    grad, hess = jax.grad(f), jax.hessian(f)
+    th0 = jnp.zeros(3)
+    solve = jax.jit(lambda v: _newton(lambda u: grad(u, th0), lambda u: hess(u, th0), v))
+    x0 = solve(jnp.zeros(n))
+    te = TaylorExpansion(f, x0, th0, order=3)
+    delta = jnp.array([0.1, 0.2, 0.3])
+    hlo = te._compiled(3).lower(te._state(), delta).compile().as_text()
+    assert " dot(" not in hlo
+    # The only n×n values: the factor (a parameter) and its free transposed view.
+    square = [line for line in hlo.splitlines() if f"= f64[{n},{n}]" in line]
+    assert square and all(("parameter(" in ln or "bitcast(" in ln) for ln in square), square
+    # And the numbers are still those of nested forward mode.
+    nested = TaylorExpansion(f, x0, th0, order=3, method="nested")
+    for p, q in zip(te.derivatives(delta), nested.derivatives(delta), strict=True):
+        assert _rel(p, q) < 1e-10

@@ -17,11 +17,20 @@ Differentiating ``φ(t) = g(x(t), θ₀ + tΔ) = 0`` ``k`` times at ``t = 0`` (F
 
 where ``r_k`` depends only on ``x_1, …, x_{k-1}`` and ``Δ``: it is ``φ^{(k)}(0)`` computed
 with ``x_k`` set to zero. So ``x_k = -H^{-1} r_k``, one order after the other. ``r_k`` comes
-from Taylor-mode automatic differentiation (:func:`jax.experimental.jet`), which propagates a
-whole truncated series through ``g`` at a cost that grows polynomially with the order, and
-``H`` is factorized once (Cholesky for a minimum, LU otherwise) and reused for every order
-and every direction. Nesting ``jax.jvp`` around an implicitly differentiated solver gives the
-same numbers but re-forms and re-factorizes ``H`` at every level of nesting (``2^k``-fold).
+from Taylor-mode automatic differentiation, which propagates a whole truncated series through
+``g`` at a cost that grows polynomially with the order, and ``H`` is factorized once
+(Cholesky for a minimum, LU otherwise) and reused for every order and every direction.
+
+The Taylor mode is :func:`jax.experimental.jet`'s, driven by a small interpreter of the
+jaxpr of ``g`` that keeps zero coefficients symbolic through the linear and bilinear
+primitives (jet itself materializes them as arrays of zeros, and multiplies by them). A term
+of ``g`` linear in ``x``, say ``Ax`` with a closed-over matrix ``A``, then costs nothing unless
+a nonlinearity consumes it: its top coefficient is ``A x_k`` with ``x_k = 0``, a symbolic zero.
+For ``g = Ax + (cheap nonlinear term)`` a call is the ``K`` pairs of triangular solves plus the
+nonlinear term's series, where jet did ``O(K²)`` products of ``A`` with zeros.
+
+Nesting ``jax.jvp`` around an implicitly differentiated solver gives the same numbers but
+re-forms and re-factorizes ``H`` at every level of nesting (``2^k``-fold).
 
 Which functions are supported
 -----------------------------
@@ -46,6 +55,7 @@ Examples
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import re
@@ -59,6 +69,7 @@ import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 import numpy as np
 from jax.experimental import jet
+from jax.extend import core as jex_core
 from jax.flatten_util import ravel_pytree
 
 from dargmin import diagnostics
@@ -88,15 +99,129 @@ def _residual_jet(
 ) -> jax.Array:
     """``r_k``: the k-th derivative of ``g(x(t), θ₀+tΔ)`` at 0 with ``x_k = 0`` (k = len(xs)+1).
 
-    ``jet`` uses derivative-scaled coefficients (``factorial_scaled=True``): the series
-    ``[c_1, …, c_k]`` stands for ``x(t) = x₀ + Σ c_j t^j / j!``, and the output series holds
-    the derivatives ``φ^{(j)}(0)``, which is exactly the convention of ``x_k``.
+    Taylor mode on the jaxpr of ``g`` (:func:`_taylor_eval`): the series of
+    ``x(t) = x₀ + Σ_{j<k} x_j t^j / j!`` and ``θ(t) = θ₀ + tΔ`` is pushed through ``g`` with
+    the coefficients ``c_j = x_j / j!``, and ``φ^{(k)}(0) = k! · c_k`` is read off the output.
     """
     k = len(xs) + 1
-    x_series = [*xs, jnp.zeros_like(x0)]
-    th_series = [delta] + [jnp.zeros_like(th0)] * (k - 1)
-    _, out_series = jet.jet(g, (x0, th0), (x_series, th_series))
-    return out_series[-1]
+    closed = jax.make_jaxpr(g)(x0, th0)
+    x_series: list[jax.Array | None] = [xj / math.factorial(j) for j, xj in enumerate(xs, 1)]
+    th_series: list[jax.Array | None] = [delta] + [None] * (k - 1)
+    ((_, out),) = _taylor_eval(
+        closed.jaxpr, closed.consts, [x0, th0], [[*x_series, None], th_series], k
+    )
+    if out is None or out[-1] is None:
+        return jnp.zeros_like(x0)
+    return out[-1] * math.factorial(k)
+
+
+# Taylor mode with symbolic zeros. ``jax.experimental.jet`` turns every zero coefficient into
+# a dense array of zeros before applying a rule: a closed-over matrix ``A`` (a constant, whose
+# series is zero) then costs a full-size broadcast and ``k`` useless ``x_j @ 0`` products at
+# order ``k``, and the vanishing top coefficient ``x_k = 0`` is multiplied through the whole
+# graph as well. On a dense quadratic at n = 1000 that was >90% of the time of a call. The
+# interpreter below walks the jaxpr of ``g`` itself and keeps zero coefficients symbolic
+# (``None``) through the linear and bilinear primitives (which carry the cost: products with
+# big constants); every other primitive goes through jet's own rule, on the inputs that carry
+# a series. Coefficients are Taylor coefficients (not factorial-scaled), as in jet's rules.
+
+Series = list[jax.Array | None]
+
+_BILINEAR = (jax.lax.mul_p, jax.lax.dot_general_p)
+
+
+def _is_linear(primitive: Any) -> bool:
+    rule = jet.jet_rules.get(primitive)
+    return isinstance(rule, functools.partial) and rule.func is jet.linear_prop
+
+
+def _bind(eqn: Any, values: Sequence[Any]) -> Any:
+    return eqn.primitive.bind(*values, **eqn.primitive.get_bind_params(eqn.params))
+
+
+def _zeros(value: Any) -> jax.Array:
+    return jnp.zeros(jnp.shape(value), jnp.result_type(value))
+
+
+def _taylor_eqn(eqn: Any, primals: list[Any], series: list[Series | None], k: int) -> tuple:
+    """``(primal out, series out)`` of one equation (``None`` series: identically zero)."""
+    prim = eqn.primitive
+    series = [None if s is None or all(t is None for t in s) else list(s) for s in series]
+    if all(s is None for s in series):
+        return _bind(eqn, primals), None
+    full = [[None] * k if s is None else s for s in series]
+    if prim in (jex_core.primitives.jit_p, jex_core.primitives.closed_call_p):  # inline nested jit
+        closed = eqn.params["jaxpr"] if "jaxpr" in eqn.params else eqn.params["call_jaxpr"]
+        outs = _taylor_eval(closed.jaxpr, closed.consts, primals, full, k)
+        return [p for p, _ in outs], [s for _, s in outs]
+    primal_out = _bind(eqn, primals)
+    if prim in _BILINEAR:
+        u, w = [primals[0], *full[0]], [primals[1], *full[1]]
+        out: Series = []
+        for j in range(1, k + 1):
+            terms = [
+                _bind(eqn, (u[i], w[j - i]))
+                for i in range(j + 1)
+                if u[i] is not None and w[j - i] is not None
+            ]
+            out.append(functools.reduce(jax.lax.add, terms) if terms else None)
+        return primal_out, out
+    if prim is jax.lax.div_p and series[1] is None:  # linear in the numerator
+        return primal_out, [None if t is None else prim.bind(t, primals[1]) for t in full[0]]
+    if _is_linear(prim) and not prim.multiple_results:
+        out = []
+        for j in range(k):
+            terms = [s[j] for s in full]
+            if all(t is None for t in terms):
+                out.append(None)
+            elif prim in (jax.lax.add_p, jax.lax.sub_p) and terms[1] is None:
+                out.append(terms[0])
+            elif prim is jax.lax.add_p and terms[0] is None:
+                out.append(terms[1])
+            else:
+                filled = [
+                    _zeros(p) if t is None else t for p, t in zip(primals, terms, strict=True)
+                ]
+                out.append(_bind(eqn, filled))
+        return primal_out, out
+    # Any other primitive: jet's rule (raises KeyError where jet has none, like jet itself).
+    index = [i for i, s in enumerate(series) if s is not None]
+
+    def call(*args: Any) -> Any:
+        values = list(primals)
+        for i, a in zip(index, args, strict=True):
+            values[i] = a
+        return _bind(eqn, values)
+
+    ins = [primals[i] for i in index]
+    ser = [[_zeros(primals[i]) if t is None else t for t in full[i]] for i in index]
+    _, series_out = jet.jet(call, ins, ser, factorial_scaled=False)
+    return primal_out, series_out
+
+
+def _taylor_eval(
+    jaxpr: Any, consts: Sequence[Any], primals: Sequence[Any], series: Sequence[Any], k: int
+) -> list[tuple[Any, Series | None]]:
+    """Evaluate ``jaxpr`` on truncated series of order ``k``: ``[(primal, series)]`` per output."""
+    env: dict[Any, tuple[Any, Series | None]] = {}
+
+    def read(v: Any) -> tuple[Any, Series | None]:
+        return (v.val, None) if isinstance(v, jex_core.Literal) else env[v]
+
+    for v, c in zip(jaxpr.constvars, consts, strict=True):
+        env[v] = (c, None)
+    for v, p, s in zip(jaxpr.invars, primals, series, strict=True):
+        env[v] = (p, s)
+    for eqn in jaxpr.eqns:
+        ins = [read(v) for v in eqn.invars]
+        p_out, s_out = _taylor_eqn(eqn, [p for p, _ in ins], [s for _, s in ins], k)
+        if eqn.primitive.multiple_results:
+            s_out = [None] * len(p_out) if s_out is None else s_out
+            for v, p, s in zip(eqn.outvars, p_out, s_out, strict=True):
+                env[v] = (p, s)
+        else:
+            env[eqn.outvars[0]] = (p_out, s_out)
+    return [read(v) for v in jaxpr.outvars]
 
 
 def _residual_nested(
@@ -385,9 +510,9 @@ class TaylorExpansion:
             if self._linear_solver == "cholesky":
                 # Symmetrize: the Hessian is symmetric up to rounding, Cholesky reads one half.
                 chol, _ = jsl.cho_factor(0.5 * (h + h.T), lower=True)
-                return (chol,)
+                return (chol.T,)
             lu, piv = jsl.lu_factor(h)
-            return (lu, piv)
+            return (lu.T, piv)
 
         factors = factor(self._x0, self._th0)
         if self._linear_solver == "cholesky" and not bool(jnp.all(jnp.isfinite(factors[0]))):
@@ -400,9 +525,13 @@ class TaylorExpansion:
         return factors
 
     def _solve_dense(self, factors: tuple, b: jax.Array) -> jax.Array:
+        # The factor is stored transposed: LAPACK's triangular solves read column-major
+        # matrices, and the transpose of a row-major array is a free bitcast to that layout.
+        # Stored as is, every call copied (transposed) the whole n×n factor first, which cost
+        # more than the two triangular solves together.
         if len(factors) == 1:
-            return jsl.cho_solve((factors[0], True), b)
-        return jsl.lu_solve((factors[0], factors[1]), b)
+            return jsl.cho_solve((factors[0].T, True), b)
+        return jsl.lu_solve((factors[0].T, factors[1]), b)
 
     def _solve(
         self,
