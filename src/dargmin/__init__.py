@@ -5,6 +5,8 @@
 * :mod:`dargmin.diagnostics` — ``check_optimum`` and the errors raised when the implicit
   function theorem does not apply (not converged, singular, not a minimum).
 * :mod:`dargmin.taylor` — ``TaylorExpansion``: higher-order Taylor series of an optimum.
+* :mod:`dargmin.hyper` — hyperparameter selection by hypergradient (Lasso-type and smooth
+  models, cross-validation, scikit-learn estimators); imported on first use.
 * :mod:`dargmin.sensitivity` — influence functions, infinitesimal jackknife and approximate
   leave-one-out of M-estimators.
 * :mod:`dargmin.derivatives`, :mod:`dargmin.curvature`, :mod:`dargmin.finite_differences` —
@@ -68,6 +70,17 @@ from dargmin.sensitivity import (
 from dargmin.taylor import AccuracyReport, TaylorExpansion, taylor_expand
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # ``dargmin.hyper`` pulls in scikit-learn and tqdm: load it on first use only.
+    if name == "hyper":
+        import importlib
+
+        return importlib.import_module("dargmin.hyper")
+    raise AttributeError(f"module 'dargmin' has no attribute {name!r}")
+
+
 __all__ = [
     "AccuracyReport",
     "CGSolution",

@@ -80,6 +80,7 @@ def report_implicit_check(
     tol: float,
     max_condition: float,
     expect_positive_definite: bool,
+    dtype: Any = None,
 ) -> np.ndarray:
     """Host-side half of the check made before every implicit derivative.
 
@@ -91,7 +92,8 @@ def report_implicit_check(
     batch_shape = np.broadcast_shapes(
         *(np.shape(v) for v in (residual_norm, x_norm, newton_norm, condition, curvature))
     )
-    passed = np.zeros(batch_shape, dtype=np.asarray(x_norm).dtype)
+    # The output dtype is the one declared at trace time (x64 may be toggled locally).
+    passed = np.zeros(batch_shape, dtype=dtype if dtype is not None else np.asarray(x_norm).dtype)
     res, xn, step = _worst(residual_norm), _worst(x_norm), _worst(newton_norm)
     cond, curv = _worst(condition), _worst(curvature, largest=False)
     system = "Hessian" if kind == "argmin" else "Jacobian ∂ₓg"

@@ -34,6 +34,7 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 import lineax as lx
+import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from dargmin import diagnostics
@@ -175,6 +176,7 @@ def _check_solution(
         tol=tol,
         max_condition=max_condition,
         expect_positive_definite=cfg.positive_definite,
+        dtype=np.dtype(flat_x.dtype),
     )
     # pure_callback rather than jax.debug.callback: its result is used, so it cannot be
     # dropped, and it carries no ordering effect into the compiled derivative.

@@ -1,0 +1,511 @@
+"""scikit-learn estimators that select their regularization by hypergradient descent.
+
+Each estimator minimizes the K-fold cross-validation loss over its hyperparameters (log
+scale) with :func:`~dargmin.hyper.optimize_hyperparameters`, then refits on all the data:
+the hypergradient analogue of :class:`sklearn.linear_model.LassoCV`, with a continuous
+search instead of a grid (and so usable with one hyperparameter per feature).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from dargmin.hyper._criteria import CrossVal, HeldOutLogistic, HeldOutMSE
+from dargmin.hyper._outer import default_bounds, optimize_hyperparameters
+from dargmin.hyper._problems import (
+    HyperProblem,
+    elastic_net,
+    lasso,
+    ridge,
+    sparse_logistic,
+    weighted_lasso,
+)
+from dargmin.hyper._solvers import make_solver
+
+
+class _HyperCVBase(BaseEstimator):
+    """Shared fit logic; subclasses define the model and how ``θ`` maps to attributes."""
+
+    _criterion: Any = HeldOutMSE
+
+    def _make_problem(self, X: np.ndarray, y: np.ndarray) -> HyperProblem:
+        raise NotImplementedError
+
+    def _initial_log_theta(self, problem: HyperProblem, X, y) -> np.ndarray | None:
+        return None
+
+    def _set_hyper_attributes(self, log_theta: np.ndarray, problem: HyperProblem) -> None:
+        raise NotImplementedError
+
+    def _check_params(self) -> None:
+        if not (isinstance(self.max_iter, int | np.integer) and self.max_iter >= 0):
+            raise ValueError(f"max_iter must be a non-negative integer, got {self.max_iter!r}.")
+        if isinstance(self.cv, int | np.integer) and self.cv < 2:
+            raise ValueError(f"cv must be >= 2 folds, got {self.cv}.")
+
+    def _split(self, y: np.ndarray) -> Any:
+        return self.cv
+
+    def _fit(self, X: np.ndarray, y: np.ndarray) -> _HyperCVBase:
+        self._check_params()
+        with jax.enable_x64(True):
+            problem = self._make_problem(X, y)
+            cv = self._split(y)
+            if isinstance(cv, int | np.integer) and cv > X.shape[0]:
+                raise ValueError(f"cv={cv} folds needs at least {cv} samples, got {X.shape[0]}.")
+            criterion = CrossVal(self._criterion, cv=cv)
+            theta0 = self._initial_log_theta(problem, X, y)
+            res = optimize_hyperparameters(
+                problem,
+                criterion,
+                theta0,
+                method=self.method,
+                optimizer=self.optimizer,
+                solver=self.solver,
+                bounds=default_bounds(problem),
+                max_iter=self.max_iter,
+                progress=self.verbose,
+            )
+            # Refit on all the training data at the selected hyperparameters.
+            solver = make_solver(self.solver, problem)
+            coef_full = solver.solve(problem, res.log_theta).coef
+        coef, intercept = problem.coef_intercept(coef_full)
+        self.coef_ = coef
+        self.intercept_ = intercept
+        self.log_theta_ = np.asarray(res.log_theta)
+        self.path_ = res.monitor
+        self.n_iter_ = int(res.n_iter)
+        self.n_evals_ = int(res.n_evals)
+        self.cv_score_ = float(res.value)
+        self._set_hyper_attributes(self.log_theta_, problem)
+        return self
+
+    def _decision(self, X: Any) -> np.ndarray:
+        check_is_fitted(self, "coef_")
+        X = validate_data(self, X, reset=False)
+        return X @ self.coef_ + self.intercept_
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = False
+        return tags
+
+
+_COMMON_PARAMS_DOC = """
+    cv : int or cross-validation splitter, default=5
+        Folds of the cross-validation criterion (mean held-out loss over folds).
+    method : {"implicit", "implicit_forward", "forward", "reverse"}, default="implicit"
+        Hypergradient method (:func:`dargmin.hyper.hypergradient`).
+    optimizer : "gd", "lbfgs" or an optax optimizer, default="gd"
+        Outer optimizer (:func:`dargmin.hyper.minimize_hyper`).
+    solver : str or solver object, default="auto"
+        Inner solver: "auto", "cd", "fista", "sklearn" or an instance.
+    max_iter : int, default=30
+        Maximal number of outer iterations.
+    fit_intercept : bool, default=True
+        Fit an unpenalized intercept.
+    verbose : bool, default=False
+        Show a tqdm progress bar.
+"""
+
+
+class _Regressor(RegressorMixin, _HyperCVBase):
+    def fit(self, X: Any, y: Any) -> _Regressor:
+        """Select the hyperparameters by hypergradient descent on the CV loss, then refit.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        y : array-like of shape (n_samples,)
+
+        Returns
+        -------
+        self
+        """
+        X, y = validate_data(self, X, y, y_numeric=True, ensure_min_samples=2, dtype=np.float64)
+        return self._fit(X, y)
+
+    def predict(self, X: Any) -> np.ndarray:
+        """Linear predictions ``X coef_ + intercept_``."""
+        return self._decision(X)
+
+
+def _lasso_start(est: _HyperCVBase, X: np.ndarray, y: np.ndarray, max_iter: int) -> float:
+    """``log alpha`` of the single-alpha CV optimum (a warm start for richer models)."""
+    single = lasso(X, y, fit_intercept=est.fit_intercept)
+    res = optimize_hyperparameters(
+        single, CrossVal(est._criterion, cv=est.cv), solver=est.solver, max_iter=max_iter
+    )
+    return float(res.log_theta[0])
+
+
+class LassoHyperCV(_Regressor):
+    (
+        """Lasso whose ``alpha`` minimizes the K-fold CV error, found by hypergradient descent.
+
+    Objective (scikit-learn's convention): ``‖y − Xw − b‖²/(2n) + alpha ‖w‖₁``; the CV
+    criterion is minimized over ``log alpha`` with gradients by implicit differentiation
+    restricted to the support.
+
+    Parameters
+    ----------
+    alpha0 : float or None, default=None
+        Starting ``alpha`` (default ``alpha_max / 10``).
+    """
+        + _COMMON_PARAMS_DOC
+        + """
+    Attributes
+    ----------
+    alpha_ : float
+        Selected regularization strength.
+    coef_, intercept_ : ndarray, float
+        Refit on all the data at ``alpha_``.
+    path_ : dargmin.hyper.Monitor
+        Every evaluation (time, log alpha, CV loss, gradient norm).
+    n_iter_ : int
+        Outer iterations. ``n_evals_``: criterion evaluations (each solves ``cv`` problems).
+    cv_score_ : float
+        Mean CV loss at ``alpha_``.
+
+    Examples
+    --------
+    >>> from sklearn.datasets import make_regression
+    >>> X, y = make_regression(60, 20, n_informative=4, noise=5.0, random_state=0)
+    >>> est = LassoHyperCV(cv=3).fit(X, y)
+    >>> est.alpha_ > 0, est.score(X, y) > 0.9
+    (True, True)
+    """
+    )
+
+    def __init__(
+        self,
+        *,
+        alpha0: float | None = None,
+        cv: Any = 5,
+        method: str = "implicit",
+        optimizer: Any = "gd",
+        solver: Any = "auto",
+        max_iter: int = 30,
+        fit_intercept: bool = True,
+        verbose: bool = False,
+    ):
+        self.alpha0 = alpha0
+        self.cv = cv
+        self.method = method
+        self.optimizer = optimizer
+        self.solver = solver
+        self.max_iter = max_iter
+        self.fit_intercept = fit_intercept
+        self.verbose = verbose
+
+    def _make_problem(self, X, y):
+        return lasso(X, y, fit_intercept=self.fit_intercept)
+
+    def _initial_log_theta(self, problem, X, y):
+        if self.alpha0 is None:
+            return None
+        if not (np.isfinite(self.alpha0) and self.alpha0 > 0):
+            raise ValueError(f"alpha0 must be a positive finite number, got {self.alpha0!r}.")
+        return np.array([np.log(self.alpha0)])
+
+    def _set_hyper_attributes(self, log_theta, problem):
+        self.alpha_ = float(np.exp(log_theta[0]))
+
+
+class ElasticNetHyperCV(_Regressor):
+    (
+        """Elastic net with ``(alpha, l1_ratio)`` tuned by hypergradient descent on the CV error.
+
+    Internally ``‖y − Xw − b‖²/(2n) + λ‖w‖₁ + ½μ‖w‖²`` with ``(log λ, log μ)`` optimized;
+    in scikit-learn's parametrization ``alpha_ = λ + μ`` and ``l1_ratio_ = λ / alpha_``.
+    """
+        + _COMMON_PARAMS_DOC
+        + """
+    max_iter_lasso : int, default=20
+        Outer iterations of the initial single-``alpha`` Lasso search.
+
+    Attributes
+    ----------
+    alpha_, l1_ratio_ : float
+        Selected parameters (scikit-learn's ``ElasticNet`` convention).
+    coef_, intercept_, path_, n_iter_, cv_score_
+        As in :class:`LassoHyperCV`.
+
+    Examples
+    --------
+    >>> from sklearn.datasets import make_regression
+    >>> X, y = make_regression(60, 20, n_informative=4, noise=5.0, random_state=0)
+    >>> est = ElasticNetHyperCV(cv=3).fit(X, y)
+    >>> 0 < est.l1_ratio_ < 1
+    True
+    """
+    )
+
+    def __init__(
+        self,
+        *,
+        cv: Any = 5,
+        method: str = "implicit",
+        optimizer: Any = "gd",
+        solver: Any = "auto",
+        max_iter: int = 30,
+        fit_intercept: bool = True,
+        max_iter_lasso: int = 20,
+        verbose: bool = False,
+    ):
+        self.cv = cv
+        self.method = method
+        self.optimizer = optimizer
+        self.solver = solver
+        self.max_iter = max_iter
+        self.fit_intercept = fit_intercept
+        self.max_iter_lasso = max_iter_lasso
+        self.verbose = verbose
+
+    def _make_problem(self, X, y):
+        return elastic_net(X, y, fit_intercept=self.fit_intercept)
+
+    def _initial_log_theta(self, problem, X, y):
+        # Start from the single-alpha Lasso optimum with a negligible ridge term (the lower
+        # end of the μ range): the elastic-net search then only has to improve on the Lasso.
+        t = _lasso_start(self, X, y, self.max_iter_lasso)
+        return np.array([t, default_bounds(problem)[0][1] + np.log(10.0)])
+
+    def _set_hyper_attributes(self, log_theta, problem):
+        lam, mu = np.exp(log_theta)
+        self.alpha_ = float(lam + mu)
+        self.l1_ratio_ = float(lam / (lam + mu))
+
+
+class WeightedLassoHyperCV(_Regressor):
+    (
+        """Weighted Lasso with one penalty per feature, tuned by hypergradient descent.
+
+    ``‖y − Xw − b‖²/(2n) + Σⱼ αⱼ|wⱼ|`` with the ``p`` values ``log αⱼ`` optimized on the CV
+    error (a search no grid can do). The search starts from the single-``alpha`` optimum
+    found by :class:`LassoHyperCV`'s procedure (``max_iter_lasso`` iterations).
+    """
+        + _COMMON_PARAMS_DOC
+        + """
+    max_iter_lasso : int, default=20
+        Outer iterations of the initial single-``alpha`` search.
+
+    Attributes
+    ----------
+    alphas_ : ndarray of shape (n_features,)
+        Selected per-feature penalties.
+    coef_, intercept_, path_, n_iter_, cv_score_
+        As in :class:`LassoHyperCV` (``path_`` covers the per-feature phase).
+
+    Examples
+    --------
+    >>> from sklearn.datasets import make_regression
+    >>> X, y = make_regression(60, 10, n_informative=3, noise=5.0, random_state=0)
+    >>> WeightedLassoHyperCV(cv=3, max_iter=5).fit(X, y).alphas_.shape
+    (10,)
+    """
+    )
+
+    def __init__(
+        self,
+        *,
+        cv: Any = 5,
+        method: str = "implicit",
+        optimizer: Any = "gd",
+        solver: Any = "auto",
+        max_iter: int = 30,
+        max_iter_lasso: int = 20,
+        fit_intercept: bool = True,
+        verbose: bool = False,
+    ):
+        self.cv = cv
+        self.method = method
+        self.optimizer = optimizer
+        self.solver = solver
+        self.max_iter = max_iter
+        self.max_iter_lasso = max_iter_lasso
+        self.fit_intercept = fit_intercept
+        self.verbose = verbose
+
+    def _make_problem(self, X, y):
+        return weighted_lasso(X, y, fit_intercept=self.fit_intercept)
+
+    def _initial_log_theta(self, problem, X, y):
+        return np.full(problem.n_hyper, _lasso_start(self, X, y, self.max_iter_lasso))
+
+    def _set_hyper_attributes(self, log_theta, problem):
+        self.alphas_ = np.exp(log_theta)
+
+
+class RidgeHyperCV(_Regressor):
+    (
+        """Ridge regression with ``alpha`` tuned by hypergradient descent (via dargmin.argmin).
+
+    Internally ``‖y − Xw − b‖²/(2n) + ½μ‖w‖²`` (``μ`` is per-sample normalized, so one
+    value means the same regularization on every CV fold); ``alpha_ = n μ`` is reported in
+    scikit-learn's ``Ridge`` convention ``‖y − Xw − b‖² + alpha‖w‖²`` for the ``n`` samples
+    of the final refit (on a fold of ``n_k`` samples the equivalent is ``n_k μ``).
+    """
+        + _COMMON_PARAMS_DOC
+        + """
+    Attributes
+    ----------
+    alpha_ : float
+        Selected strength, scikit-learn ``Ridge`` convention.
+    coef_, intercept_, path_, n_iter_, cv_score_
+        As in :class:`LassoHyperCV`.
+
+    Examples
+    --------
+    >>> from sklearn.datasets import make_regression
+    >>> X, y = make_regression(60, 10, noise=5.0, random_state=0)
+    >>> RidgeHyperCV(cv=3).fit(X, y).alpha_ > 0
+    True
+    """
+    )
+
+    def __init__(
+        self,
+        *,
+        cv: Any = 5,
+        method: str = "implicit",
+        optimizer: Any = "gd",
+        solver: Any = "auto",
+        max_iter: int = 30,
+        fit_intercept: bool = True,
+        verbose: bool = False,
+    ):
+        self.cv = cv
+        self.method = method
+        self.optimizer = optimizer
+        self.solver = solver
+        self.max_iter = max_iter
+        self.fit_intercept = fit_intercept
+        self.verbose = verbose
+
+    def _make_problem(self, X, y):
+        return ridge(X, y, fit_intercept=self.fit_intercept)
+
+    def _set_hyper_attributes(self, log_theta, problem):
+        self.alpha_ = float(problem.n_samples * np.exp(log_theta[0]))
+
+
+class SparseLogisticHyperCV(ClassifierMixin, _HyperCVBase):
+    (
+        """Binary ℓ1 logistic regression with ``alpha`` tuned on the CV log-loss.
+
+    ``(1/n)Σ log(1 + e^{−yᵢ(xᵢᵀw + b)}) + alpha‖w‖₁``; scikit-learn's
+    ``LogisticRegression(penalty="l1")`` uses ``C_ = 1/(n alpha_)``.
+    """
+        + _COMMON_PARAMS_DOC
+        + """
+    Attributes
+    ----------
+    alpha_, C_ : float
+        Selected strength and its ``LogisticRegression`` equivalent.
+    classes_ : ndarray of shape (2,)
+    coef_ : ndarray of shape (1, n_features)
+    intercept_ : ndarray of shape (1,)
+    path_, n_iter_, cv_score_
+        As in :class:`LassoHyperCV`.
+
+    Examples
+    --------
+    >>> from sklearn.datasets import make_classification
+    >>> X, y = make_classification(80, 10, n_informative=3, random_state=0)
+    >>> est = SparseLogisticHyperCV(cv=3, max_iter=10).fit(X, y)
+    >>> est.score(X, y) > 0.8
+    True
+    """
+    )
+
+    _criterion = HeldOutLogistic
+
+    def __init__(
+        self,
+        *,
+        cv: Any = 5,
+        method: str = "implicit",
+        optimizer: Any = "gd",
+        solver: Any = "auto",
+        max_iter: int = 30,
+        fit_intercept: bool = True,
+        verbose: bool = False,
+    ):
+        self.cv = cv
+        self.method = method
+        self.optimizer = optimizer
+        self.solver = solver
+        self.max_iter = max_iter
+        self.fit_intercept = fit_intercept
+        self.verbose = verbose
+
+    def _make_problem(self, X, y):
+        return sparse_logistic(X, y, fit_intercept=self.fit_intercept)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.classifier_tags.multi_class = False
+        return tags
+
+    def _split(self, y):
+        from sklearn.model_selection import StratifiedKFold
+
+        if isinstance(self.cv, int | np.integer):
+            _, counts = np.unique(y, return_counts=True)
+            # Stratify when every class can populate every fold.
+            if counts.min() >= self.cv:
+                return StratifiedKFold(int(self.cv))
+        return self.cv
+
+    def fit(self, X: Any, y: Any) -> SparseLogisticHyperCV:
+        """Select ``alpha`` by hypergradient descent on the CV log-loss, then refit.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        y : array-like of shape (n_samples,) with exactly two classes
+
+        Returns
+        -------
+        self
+        """
+        X, y = validate_data(self, X, y, ensure_min_samples=2, dtype=np.float64)
+        check_classification_targets(y)
+        self.classes_ = np.unique(y)
+        if self.classes_.size != 2:
+            raise ValueError(
+                "Only binary classification is supported. SparseLogisticHyperCV got "
+                f"{self.classes_.size} class(es): {self.classes_.tolist()[:5]}."
+            )
+        y_pm = np.where(y == self.classes_[1], 1.0, -1.0)
+        self._fit(X, y_pm)
+        self.coef_ = self.coef_[None, :]
+        self.intercept_ = np.array([self.intercept_])
+        return self
+
+    def _set_hyper_attributes(self, log_theta, problem):
+        self.alpha_ = float(np.exp(log_theta[0]))
+        self.C_ = 1.0 / (problem.n_samples * self.alpha_)
+
+    def decision_function(self, X: Any) -> np.ndarray:
+        """Signed distance ``X coef_ᵀ + intercept_`` (positive: ``classes_[1]``)."""
+        check_is_fitted(self, "coef_")
+        X = validate_data(self, X, reset=False)
+        return X @ self.coef_[0] + self.intercept_[0]
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Class probabilities, columns ordered as ``classes_``."""
+        p1 = 1.0 / (1.0 + np.exp(-self.decision_function(X)))
+        return np.column_stack([1.0 - p1, p1])
+
+    def predict(self, X: Any) -> np.ndarray:
+        """Predicted class labels."""
+        check_is_fitted(self, "coef_")
+        return self.classes_[(self.decision_function(X) > 0).astype(int)]

@@ -1,0 +1,498 @@
+"""Inner problems of bilevel hyperparameter selection.
+
+Every inner problem handled by :mod:`dargmin.hyper` has the form
+
+.. math::
+
+    \\hat w(\\theta) = \\arg\\min_w \\; \\sum_{i=1}^n \\ell(z_i, y_i)
+        + \\sum_{j=1}^p \\lambda_j(\\theta)\\,|w_j|
+        + \\tfrac12 \\sum_{j=1}^p \\mu_j(\\theta)\\, w_j^2 ,
+    \\qquad z = X w ,
+
+with a smooth data fit ``ℓ`` that is separable over samples (a :class:`Datafit`) and
+hyperparameters ``θ`` in log scale mapped to the per-feature penalty strengths ``λ(θ) ≥ 0``
+(ℓ1) and ``μ(θ) ≥ 0`` (squared ℓ2). Lasso, elastic net, weighted Lasso, ridge and ℓ1/ℓ2
+logistic regression are all of this form; so is any user model built with
+:class:`HyperProblem` directly.
+
+The structure is what makes the non-smooth hypergradient cheap: at a solution the ℓ1 term
+is differentiable on the support ``S = {j : ŵ_j ≠ 0}`` and the Jacobian ``dŵ/dθ`` vanishes
+off ``S`` (away from support changes), so implicit differentiation only needs the
+``|S| × |S|`` system ``X_Sᵀ diag(ℓ'') X_S + diag(μ_S)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = Any
+PenaltyMap = Callable[[Array], Array]
+
+
+class Datafit:
+    """A smooth data-fitting term ``Σᵢ ℓ(zᵢ, yᵢ)`` of the predictions ``z = Xw``.
+
+    Subclasses implement :meth:`value` (JAX-traceable, a sum of per-sample terms, so that
+    the Hessian in ``z`` is diagonal) and :meth:`curvature_bound`; :meth:`grad` and
+    :meth:`hess_diag` default to JAX autodiff and may be overridden by closed forms.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> class Huber(Datafit):
+    ...     def value(self, z, y):
+    ...         r = jnp.abs(z - y)
+    ...         return jnp.mean(jnp.where(r < 1, 0.5 * r**2, r - 0.5))
+    ...     def curvature_bound(self, n):
+    ...         return 1.0 / n
+    >>> float(Huber().value(jnp.zeros(2), jnp.array([0.5, 3.0])))
+    1.3125
+    """
+
+    def value(self, z: Array, y: Array) -> Array:
+        """The data-fit value ``Σᵢ ℓ(zᵢ, yᵢ)`` (scalar)."""
+        raise NotImplementedError
+
+    def curvature_bound(self, n: int) -> float:
+        """An upper bound of ``ℓ''(zᵢ, yᵢ)`` over all ``z`` (for ``n`` samples)."""
+        raise NotImplementedError
+
+    def grad(self, z: Array, y: Array) -> Array:
+        """``∂ℓ/∂z`` (a vector of length ``n``)."""
+        return jax.grad(self.value)(z, y)
+
+    def hess_diag(self, z: Array, y: Array) -> Array:
+        """Diagonal of ``∂²ℓ/∂z²`` (the data fit is separable over samples)."""
+        # For a separable function the Hessian is diagonal, so one JVP of the gradient along
+        # the all-ones vector returns exactly its diagonal.
+        return jax.jvp(lambda zz: self.grad(zz, y), (z,), (jnp.ones_like(z),))[1]
+
+    def validate_target(self, y: np.ndarray) -> np.ndarray:
+        """Check (and possibly recode) the targets; return them as float64."""
+        return np.asarray(y, dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class Quadratic(Datafit):
+    """Least squares with the scikit-learn scaling, ``ℓ = ‖y − z‖² / (2n)``.
+
+    With this convention ``alpha`` of :class:`sklearn.linear_model.Lasso` is ``λ``.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> float(Quadratic().value(jnp.array([1.0, 1.0]), jnp.array([0.0, 2.0])))
+    0.5
+    """
+
+    def value(self, z: Array, y: Array) -> Array:
+        return 0.5 * jnp.mean((y - z) ** 2)
+
+    def grad(self, z: Array, y: Array) -> Array:
+        return (z - y) / z.shape[0]
+
+    def hess_diag(self, z: Array, y: Array) -> Array:
+        return jnp.full_like(z, 1.0 / z.shape[0])
+
+    def curvature_bound(self, n: int) -> float:
+        return 1.0 / n
+
+
+@dataclass(frozen=True)
+class Logistic(Datafit):
+    """Mean logistic loss for labels in ``{-1, +1}``, ``ℓ = (1/n) Σ log(1 + e^{-yᵢ zᵢ})``.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> round(float(Logistic().value(jnp.zeros(2), jnp.array([1.0, -1.0]))), 6)  # log 2
+    0.693147
+    """
+
+    def value(self, z: Array, y: Array) -> Array:
+        return jnp.mean(jnp.logaddexp(0.0, -y * z))
+
+    def grad(self, z: Array, y: Array) -> Array:
+        return -y * jax.nn.sigmoid(-y * z) / z.shape[0]
+
+    def hess_diag(self, z: Array, y: Array) -> Array:
+        s = jax.nn.sigmoid(y * z)
+        return s * (1.0 - s) / z.shape[0]
+
+    def curvature_bound(self, n: int) -> float:
+        return 0.25 / n
+
+    def validate_target(self, y: np.ndarray) -> np.ndarray:
+        y = np.asarray(y, dtype=np.float64)
+        bad = ~np.isin(y, (-1.0, 1.0))
+        if np.any(bad):
+            raise ValueError(
+                f"The logistic data fit needs labels in {{-1, +1}}; found {int(bad.sum())} "
+                f"other value(s), e.g. {y[bad][0]!r}. Encode the two classes as -1 and +1."
+            )
+        return y
+
+
+def _check_finite(name: str, arr: np.ndarray) -> None:
+    bad = ~np.isfinite(arr)
+    if np.any(bad):
+        raise ValueError(
+            f"{name} contains {int(bad.sum())} non-finite value(s) (NaN or inf) out of "
+            f"{arr.size}; hyperparameter selection needs finite data."
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class HyperProblem:
+    """A parametrized inner problem ``ŵ(θ) = argmin_w F(w, θ)`` on training data.
+
+    .. math::
+
+        F(w, \\theta) = \\sum_i \\ell\\big((Xw)_i + b, y_i\\big)
+            + \\sum_j \\lambda_j(\\theta)|w_j| + \\tfrac12 \\sum_j \\mu_j(\\theta) w_j^2 .
+
+    The intercept ``b`` (``fit_intercept=True``) is handled as scikit-learn does for least
+    squares (centering ``X`` and ``y``; ``b = ȳ − x̄ᵀw``) and, for other data fits, as an
+    extra unpenalized column of ones (the last coordinate of ``w``).
+
+    Parameters
+    ----------
+    X, y
+        Training design ``(n, p)`` and targets ``(n,)``; finite values only.
+    datafit
+        A :class:`Datafit` (``Quadratic()``, ``Logistic()`` or a user subclass).
+    n_hyper
+        Number of hyperparameters (the length of ``log_theta``).
+    l1, l2
+        Maps ``log_theta ↦ λ`` and ``log_theta ↦ μ`` (JAX-traceable, returning a scalar or
+        a ``(p,)`` vector of non-negative values); ``None`` for no such penalty.
+    fit_intercept
+        Fit an unpenalized intercept.
+    name
+        A label used in messages.
+
+    Examples
+    --------
+    >>> import numpy as np, jax.numpy as jnp
+    >>> X, y = np.eye(3), np.array([1.0, -2.0, 0.1])
+    >>> prob = HyperProblem(X, y, Quadratic(), n_hyper=1, l1=lambda t: jnp.exp(t[0]),
+    ...                     fit_intercept=False)
+    >>> prob.n_features, prob.alpha_max()            # ‖Xᵀy‖∞ / n
+    (3, 0.666...)
+    """
+
+    X: np.ndarray
+    y: np.ndarray
+    datafit: Datafit
+    n_hyper: int
+    l1: PenaltyMap | None = None
+    l2: PenaltyMap | None = None
+    fit_intercept: bool = True
+    name: str = "problem"
+    design: np.ndarray = field(init=False, repr=False)
+    target: np.ndarray = field(init=False, repr=False)
+    x_offset: np.ndarray = field(init=False, repr=False)
+    y_offset: float = field(init=False, repr=False)
+    _jit_cache: dict = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_jit_cache", {})
+        X = np.asarray(self.X, dtype=np.float64)
+        y = np.asarray(self.y, dtype=np.float64)
+        if X.ndim != 2:
+            raise ValueError(f"X must be a 2-D array (n_samples, n_features), got shape {X.shape}.")
+        if y.ndim != 1 or y.shape[0] != X.shape[0]:
+            raise ValueError(
+                f"y must be a 1-D array with one entry per row of X: X has shape {X.shape}, "
+                f"y has shape {y.shape}."
+            )
+        if X.shape[0] < 2:
+            raise ValueError(f"Need at least 2 samples, got {X.shape[0]}.")
+        _check_finite("X", X)
+        _check_finite("y", y)
+        if self.l1 is None and self.l2 is None:
+            raise ValueError("A HyperProblem needs an l1 or an l2 penalty map (or both).")
+        if int(self.n_hyper) < 1:
+            raise ValueError(f"n_hyper must be >= 1, got {self.n_hyper}.")
+        y = self.datafit.validate_target(y)
+        object.__setattr__(self, "X", X)
+        object.__setattr__(self, "y", y)
+        n, p = X.shape
+        quadratic = isinstance(self.datafit, Quadratic)
+        if self.fit_intercept and quadratic:
+            # Centering is exact for least squares: the optimal intercept is ȳ − x̄ᵀw for any
+            # w, so the reduced problem in w has the centered data and no intercept.
+            x_off, y_off = X.mean(axis=0), float(y.mean())
+            design, target = X - x_off, y - y_off
+        elif self.fit_intercept:
+            x_off, y_off = np.zeros(p), 0.0
+            design, target = np.hstack([X, np.ones((n, 1))]), y
+        else:
+            x_off, y_off = np.zeros(p), 0.0
+            design, target = X, y
+        object.__setattr__(self, "design", np.ascontiguousarray(design))
+        object.__setattr__(self, "target", target)
+        object.__setattr__(self, "x_offset", x_off)
+        object.__setattr__(self, "y_offset", y_off)
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def n_samples(self) -> int:
+        """Number of training samples ``n``."""
+        return int(self.X.shape[0])
+
+    @property
+    def n_features(self) -> int:
+        """Number of features ``p`` (without the intercept column)."""
+        return int(self.X.shape[1])
+
+    @property
+    def augmented(self) -> bool:
+        """Whether the intercept is the last coordinate of ``w``."""
+        return self.fit_intercept and not isinstance(self.datafit, Quadratic)
+
+    @property
+    def n_coef(self) -> int:
+        """Length of the inner variable ``w`` (``p``, or ``p + 1`` with an intercept column)."""
+        return self.n_features + int(self.augmented)
+
+    @property
+    def smooth(self) -> bool:
+        """True when there is no ℓ1 term (the inner problem is differentiable)."""
+        return self.l1 is None
+
+    def check_theta(self, log_theta: Array) -> np.ndarray:
+        """Validate ``log_theta`` (shape, finiteness) and return it as a float64 vector."""
+        t = np.asarray(log_theta, dtype=np.float64).reshape(-1)
+        if t.shape[0] != self.n_hyper:
+            raise ValueError(
+                f"{self.name} has {self.n_hyper} hyperparameter(s); log_theta has "
+                f"{t.shape[0]} entries (shape {np.shape(log_theta)})."
+            )
+        if not np.all(np.isfinite(t)):
+            raise ValueError(
+                f"log_theta must be finite (penalties are exp(log_theta)), got {t.tolist()[:5]}."
+            )
+        if np.any(np.abs(t) > 700):
+            raise ValueError(
+                f"log_theta = {t[np.argmax(np.abs(t))]:.4g} is outside the representable "
+                "range: exp overflows or underflows to 0 beyond ±700."
+            )
+        return t
+
+    def penalties(self, log_theta: Array) -> tuple[Array, Array]:
+        """Per-coordinate ``(λ, μ)`` of length :attr:`n_coef` (zeros for the intercept).
+
+        JAX-traceable: used inside solvers and differentiated by the hypergradient methods.
+        """
+        return _penalty_vectors(
+            jnp.asarray(log_theta), self.l1, self.l2, self.n_features, self.augmented
+        )
+
+    def penalty_vjp(self, log_theta: Array, c_l1: Array, c_l2: Array) -> np.ndarray:
+        """``(dλ/dθ)ᵀ c_l1 + (dμ/dθ)ᵀ c_l2`` (compiled once per model type and size)."""
+        out = _penalty_vjp(
+            jnp.asarray(log_theta),
+            jnp.asarray(c_l1),
+            jnp.asarray(c_l2),
+            self.l1,
+            self.l2,
+            self.n_features,
+            self.augmented,
+        )
+        return np.asarray(out)
+
+    def prediction_design(self, X_new: np.ndarray) -> tuple[np.ndarray, float]:
+        """``(A, c)`` with predictions ``A w + c`` on ``X_new`` (intercept folded in)."""
+        if self.augmented:
+            return np.hstack([X_new, np.ones((X_new.shape[0], 1))]), 0.0
+        if self.fit_intercept:
+            return X_new - self.x_offset, self.y_offset
+        return X_new, 0.0
+
+    def objective(self, w: Array, log_theta: Array) -> Array:
+        """The inner objective ``F(w, θ)`` (JAX)."""
+        l1, l2 = self.penalties(log_theta)
+        z = jnp.asarray(self.design) @ w
+        return (
+            self.datafit.value(z, jnp.asarray(self.target))
+            + jnp.sum(l1 * jnp.abs(w))
+            + 0.5 * jnp.sum(l2 * w**2)
+        )
+
+    def alpha_max(self) -> float:
+        """``‖Xᵀ∇ℓ(0)‖∞``: the smallest ℓ1 strength for which ``ŵ = 0`` (single α)."""
+        z0 = np.zeros(self.n_samples)
+        if self.augmented:
+            # With an intercept the reference point is the intercept-only model; solve it by a
+            # few Newton steps on the single unpenalized coordinate.
+            b = 0.0
+            for _ in range(50):
+                zb = jnp.full(self.n_samples, b)
+                g = float(jnp.sum(self.datafit.grad(zb, self.target)))
+                h = float(jnp.sum(self.datafit.hess_diag(zb, self.target)))
+                b -= g / max(h, 1e-12)
+            z0 = np.full(self.n_samples, b)
+        grad = np.asarray(self.datafit.grad(jnp.asarray(z0), jnp.asarray(self.target)))
+        return float(np.max(np.abs(self.design[:, : self.n_features].T @ grad)))
+
+    # ------------------------------------------------------------------ predictions
+    def coef_intercept(self, w: Array) -> tuple[np.ndarray, float]:
+        """Split an inner solution into ``(coef, intercept)`` on the original scale."""
+        w = np.asarray(w, dtype=np.float64)
+        if self.augmented:
+            return w[:-1], float(w[-1])
+        return w, float(self.y_offset - self.x_offset @ w) if self.fit_intercept else 0.0
+
+    def decision_function(self, X_new: Array, w: Array) -> Array:
+        """Linear predictions ``X_new coef + intercept`` (JAX-traceable in ``w``)."""
+        X_new = jnp.asarray(X_new)
+        if self.augmented:
+            return X_new @ w[:-1] + w[-1]
+        if self.fit_intercept:
+            return (X_new - jnp.asarray(self.x_offset)) @ w + self.y_offset
+        return X_new @ w
+
+    def subset(self, rows: np.ndarray) -> HyperProblem:
+        """The same problem on the training rows ``rows`` (used by cross-validation)."""
+        return HyperProblem(
+            self.X[rows],
+            self.y[rows],
+            self.datafit,
+            self.n_hyper,
+            l1=self.l1,
+            l2=self.l2,
+            fit_intercept=self.fit_intercept,
+            name=self.name,
+        )
+
+
+def _vec(t: Array, fn: PenaltyMap | None, p: int, augmented: bool) -> Array:
+    dtype = jnp.result_type(float)
+    v = jnp.zeros(p, dtype) if fn is None else jnp.broadcast_to(jnp.asarray(fn(t), dtype), (p,))
+    return jnp.concatenate([v, jnp.zeros(1, dtype)]) if augmented else v
+
+
+# The penalty maps are static arguments: module-level functions such as ``_exp0`` are shared
+# by every problem of a model, so cross-validation folds reuse one compiled function.
+@partial(jax.jit, static_argnames=("l1", "l2", "p", "augmented"))
+def _penalty_vectors(t, l1, l2, p, augmented):
+    return _vec(t, l1, p, augmented), _vec(t, l2, p, augmented)
+
+
+@partial(jax.jit, static_argnames=("l1", "l2", "p", "augmented"))
+def _penalty_vjp(t, c1, c2, l1, l2, p, augmented):
+    _, vjp = jax.vjp(lambda tt: _penalty_vectors(tt, l1, l2, p, augmented), t)
+    return vjp((c1, c2))[0]
+
+
+# ---------------------------------------------------------------------- model factories
+def _exp0(t: Array) -> Array:
+    return jnp.exp(t[0])
+
+
+def _exp1(t: Array) -> Array:
+    return jnp.exp(t[1])
+
+
+def _exp_all(t: Array) -> Array:
+    return jnp.exp(t)
+
+
+def lasso(X: Array, y: Array, *, fit_intercept: bool = True) -> HyperProblem:
+    """Lasso: ``‖y − Xw‖²/(2n) + e^{θ}‖w‖₁`` (``e^θ`` is scikit-learn's ``alpha``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> prob = lasso(np.random.default_rng(0).normal(size=(20, 5)), np.arange(20.0))
+    >>> prob.n_hyper
+    1
+    """
+    return HyperProblem(X, y, Quadratic(), 1, l1=_exp0, fit_intercept=fit_intercept, name="lasso")
+
+
+def elastic_net(X: Array, y: Array, *, fit_intercept: bool = True) -> HyperProblem:
+    """Elastic net: ``‖y − Xw‖²/(2n) + e^{θ₀}‖w‖₁ + ½e^{θ₁}‖w‖²``.
+
+    In scikit-learn's parametrization ``alpha = e^{θ₀} + e^{θ₁}`` and
+    ``l1_ratio = e^{θ₀} / alpha``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> elastic_net(np.ones((4, 2)) + np.eye(4, 2), np.arange(4.0)).n_hyper
+    2
+    """
+    return HyperProblem(
+        X, y, Quadratic(), 2, l1=_exp0, l2=_exp1, fit_intercept=fit_intercept, name="elastic net"
+    )
+
+
+def weighted_lasso(X: Array, y: Array, *, fit_intercept: bool = True) -> HyperProblem:
+    """Weighted Lasso: ``‖y − Xw‖²/(2n) + Σⱼ e^{θⱼ}|wⱼ|`` (one penalty per feature).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> weighted_lasso(np.random.default_rng(0).normal(size=(10, 7)), np.ones(10)).n_hyper
+    7
+    """
+    X = np.asarray(X)
+    return HyperProblem(
+        X,
+        y,
+        Quadratic(),
+        int(X.shape[1]) if X.ndim == 2 else 1,
+        l1=_exp_all,
+        fit_intercept=fit_intercept,
+        name="weighted lasso",
+    )
+
+
+def sparse_logistic(X: Array, y: Array, *, fit_intercept: bool = True) -> HyperProblem:
+    """ℓ1 logistic regression: ``(1/n)Σ log(1+e^{−yᵢ(xᵢᵀw+b)}) + e^{θ}‖w‖₁``, ``y ∈ {±1}``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> sparse_logistic(rng.normal(size=(10, 3)), np.sign(rng.normal(size=10))).n_coef  # + b
+    4
+    """
+    return HyperProblem(
+        X, y, Logistic(), 1, l1=_exp0, fit_intercept=fit_intercept, name="sparse logistic"
+    )
+
+
+def ridge(X: Array, y: Array, *, fit_intercept: bool = True) -> HyperProblem:
+    """Ridge: ``‖y − Xw‖²/(2n) + ½e^{θ}‖w‖²`` (scikit-learn ``Ridge(alpha=n e^θ)``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> ridge(np.eye(3), np.ones(3)).smooth
+    True
+    """
+    return HyperProblem(X, y, Quadratic(), 1, l2=_exp0, fit_intercept=fit_intercept, name="ridge")
+
+
+def l2_logistic(X: Array, y: Array, *, fit_intercept: bool = True) -> HyperProblem:
+    """ℓ2 logistic regression: ``(1/n)Σ log(1+e^{−yᵢ(xᵢᵀw+b)}) + ½e^{θ}‖w‖²``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> l2_logistic(np.eye(4), np.array([1.0, -1, 1, -1])).smooth
+    True
+    """
+    return HyperProblem(
+        X, y, Logistic(), 1, l2=_exp0, fit_intercept=fit_intercept, name="l2 logistic"
+    )
