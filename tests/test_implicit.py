@@ -381,3 +381,39 @@ def test_random_strongly_convex_quadratics(n, k, seed):
     expected = jnp.linalg.solve(Q, B)
     np.testing.assert_allclose(jax.jacrev(solve, 1)(None, theta), expected, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(jax.jacfwd(solve, 1)(None, theta), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_implicit_solution_with_argmin_config_equals_the_decorator():
+    g = dargmin.gradient_optimality(ridge_objective)
+    config = dargmin.ImplicitConfig.for_argmin(linear_solver="cg")
+
+    def attached(lam):
+        return dargmin.implicit_solution(g, ridge_closed_form(lam, Y), lam, Y, config=config)
+
+    expected = jax.jacfwd(ridge_solver, argnums=1)(None, 0.7, Y)
+    np.testing.assert_allclose(jax.jacrev(attached)(0.7), expected, rtol=1e-8)
+    # Raised from compiled code here: the message (not always the type) is what survives.
+    with pytest.raises(Exception, match="not a stationary point"):
+        jax.jacrev(
+            lambda l: dargmin.implicit_solution(
+                g, ridge_closed_form(l, Y) + 0.1, l, Y, config=config
+            )
+        )(0.7)
+
+
+@pytest.mark.parametrize("linear_solver", ["cg", "gmres", "bicgstab"])
+def test_default_krylov_tolerances_work_in_batched_reverse_mode(linear_solver):
+    # jacrev vmaps the transposed Krylov solve over cotangents (a regression: a purely
+    # relative stopping test never stopped there).
+    @dargmin.argmin(ridge_objective, linear_solver=linear_solver)
+    def solve(init, lam, y):
+        return ridge_closed_form(lam, y)
+
+    m = X.T @ X + 0.7 * jnp.eye(X.shape[1])
+    expected = jnp.linalg.solve(m, X.T)
+    np.testing.assert_allclose(jax.jacrev(solve, 2)(None, 0.7, Y), expected, rtol=1e-7, atol=1e-12)
+    np.testing.assert_allclose(
+        jax.jacrev(solve, 1)(None, 0.7, Y),
+        -jnp.linalg.solve(m, ridge_closed_form(0.7, Y)),
+        rtol=1e-7,
+    )
