@@ -404,30 +404,15 @@ def optimize_hyperparameters(
     # One solver object per fold: scikit-learn's warm start lives in the estimator object.
     base = [problem] if n_folds == 1 else [p for p, _ in criterion.folds(problem)]
     solvers = [make_solver(solver, p) for p in base]
-    state: dict[str, Any] = {"coef": None}
-    n_singular = 0
 
-    def fun(th: np.ndarray) -> tuple[float, np.ndarray | None]:
-        nonlocal n_singular
-        try:
-            hg = hypergradient(
-                problem,
-                criterion,
-                th,
-                method=method,
-                solver=solvers,
-                w0=state["coef"],
-                **hypergradient_options,
-            )
-        except SingularSystemError:
-            # Too little regularization (|S| > n): reject this trial point, keep going.
-            n_singular += 1
-            return float("inf"), None
-        state["coef"] = hg.coef
-        return hg.value, hg.grad
+    def evaluate(th: np.ndarray, w0: Any) -> tuple[float, np.ndarray, Any]:
+        hg = hypergradient(
+            problem, criterion, th, method=method, solver=solvers, w0=w0, **hypergradient_options
+        )
+        return hg.value, hg.grad, hg.coef
 
-    res = minimize_hyper(
-        fun,
+    return minimize_rejecting_singular(
+        evaluate,
         theta0,
         optimizer=optimizer,
         bounds=bounds,
@@ -438,11 +423,37 @@ def optimize_hyperparameters(
         monitor=monitor,
         progress=progress,
     )
-    if n_singular:
+
+
+def minimize_rejecting_singular(
+    evaluate: Callable[[np.ndarray, Any], tuple[float, np.ndarray, Any]],
+    theta0: np.ndarray,
+    **minimize_options: Any,
+) -> OuterResult:
+    """Run :func:`minimize_hyper` on ``evaluate(θ, w0) -> (value, gradient, coef)``,
+    warm-starting each inner solve from the previous coefficients and rejecting (value
+    ``inf``) trial points whose restricted Hessian is singular, with one warning at the end.
+
+    Shared by :func:`optimize_hyperparameters` and :func:`dargmin.hyper.optimize_sure`.
+    """
+    state: dict[str, Any] = {"coef": None, "n_singular": 0}
+
+    def fun(th: np.ndarray) -> tuple[float, np.ndarray | None]:
+        try:
+            value, grad, coef = evaluate(th, state["coef"])
+        except SingularSystemError:
+            # Too little regularization (|S| > n): reject this trial point, keep going.
+            state["n_singular"] += 1
+            return float("inf"), None
+        state["coef"] = coef
+        return value, grad
+
+    res = minimize_hyper(fun, theta0, **minimize_options)
+    if state["n_singular"]:
         warnings.warn(
-            f"{n_singular} trial point(s) had a singular restricted Hessian (non-unique inner "
-            "solution) and were rejected.",
+            f"{state['n_singular']} trial point(s) had a singular restricted Hessian "
+            "(non-unique inner solution) and were rejected.",
             DargminWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     return res._replace(coef=state["coef"])

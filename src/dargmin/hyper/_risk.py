@@ -39,14 +39,12 @@ so ``df = |S|`` (+1) for the Lasso (Zou, Hastie & Tibshirani, 2007) and
 from __future__ import annotations
 
 import copy
-import warnings
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dargmin.diagnostics import DargminWarning, SingularSystemError
 from dargmin.hyper._criteria import Criterion
 from dargmin.hyper._hypergrad import (
     METHODS,
@@ -60,7 +58,7 @@ from dargmin.hyper._outer import (
     OuterResult,
     default_bounds,
     default_log_theta0,
-    minimize_hyper,
+    minimize_rejecting_singular,
 )
 from dargmin.hyper._problems import HyperProblem, Quadratic
 from dargmin.hyper._solvers import make_solver
@@ -797,21 +795,14 @@ def optimize_sure(
     theta0 = problem.check_theta(theta0)
     if bounds is None:
         bounds = default_bounds(problem)
-    state: dict[str, Any] = {"coef": None}
-    n_singular = 0
 
-    def fun(th: np.ndarray) -> tuple[float, np.ndarray | None]:
-        nonlocal n_singular
-        try:
-            res = crit.evaluate(problem, th, method=method, solver=solver, **hypergradient_options)
-        except SingularSystemError:
-            n_singular += 1
-            return float("inf"), None
-        state["coef"] = res.coef
-        return res.value, res.grad
+    def evaluate(th: np.ndarray, w0: Any) -> tuple[float, np.ndarray, Any]:
+        # SURE keeps its own warm starts between calls; w0 is not needed here.
+        res = crit.evaluate(problem, th, method=method, solver=solver, **hypergradient_options)
+        return res.value, res.grad, res.coef
 
-    out = minimize_hyper(
-        fun,
+    return minimize_rejecting_singular(
+        evaluate,
         theta0,
         optimizer=optimizer,
         bounds=bounds,
@@ -822,11 +813,3 @@ def optimize_sure(
         monitor=monitor,
         progress=progress,
     )
-    if n_singular:
-        warnings.warn(
-            f"{n_singular} trial point(s) had a singular restricted Hessian (non-unique inner "
-            "solution) and were rejected.",
-            DargminWarning,
-            stacklevel=2,
-        )
-    return out._replace(coef=state["coef"])
