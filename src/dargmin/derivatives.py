@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import lineax as lx
 from jax.flatten_util import ravel_pytree
 
+from dargmin.linear_solvers import two_norm
+
 __all__ = [
     "CGSolution",
     "gauss_newton_vector_product",
@@ -295,7 +297,7 @@ def solve_cg_with_info(
         jax.eval_shape(lambda: b),
         tags=(lx.symmetric_tag, lx.positive_semidefinite_tag),
     )
-    solver = lx.CG(rtol=rtol, atol=atol, max_steps=max_steps)
+    solver = lx.CG(rtol=rtol, atol=atol, norm=two_norm, max_steps=max_steps)
     options = None if x0 is None else {"y0": x0}
     solution = lx.linear_solve(operator, b, solver, options=options, throw=False)
     converged = solution.result == lx.RESULTS.successful
@@ -315,8 +317,9 @@ def solve_cg(
 
     Runs ``lineax.CG`` on a ``lineax.FunctionLinearOperator`` tagged symmetric and positive
     semidefinite. CG minimizes :math:`\tfrac12 x^\top A x - b^\top x` over growing Krylov
-    spaces and stops when :math:`\|b - A x\|_\infty \le \mathrm{atol} +
-    \mathrm{rtol}\,\|b\|_\infty`. Works on pytrees, under ``jax.jit``, and is
+    spaces and stops when :math:`\|b - A x\|_2 \le \mathrm{atol} +
+    \mathrm{rtol}\,\|b\|_2` (:func:`dargmin.linear_solvers.two_norm`, the stopping norm of all
+    of dargmin's Krylov solves). Works on pytrees, under ``jax.jit``, and is
     differentiable through ``lineax``'s implicit rules.
 
     Parameters

@@ -23,8 +23,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import lineax as lx
 import numpy as np
 from jax.flatten_util import ravel_pytree
+
+from dargmin.linear_solvers import two_norm
 
 PyTree = Any
 
@@ -318,11 +321,12 @@ def check_optimum(
             lo = float(np.sqrt(max(float(estimate.smallest[0]), 0.0)))
             hi = float(np.sqrt(max(float(estimate.largest[0]), 0.0)))
             abs_min, abs_max = lo, hi
-        import lineax as lx
-
         op = lx.FunctionLinearOperator(matvec, jax.ShapeDtypeStruct(flat_x.shape, flat_x.dtype))
         newton = lx.linear_solve(
-            op, residual, lx.GMRES(rtol=1e-8, atol=1e-12, max_steps=10 * n), throw=False
+            op,
+            residual,
+            lx.GMRES(rtol=1e-8, atol=1e-12, norm=two_norm, max_steps=10 * n),
+            throw=False,
         ).value
         newton_step = float(jnp.linalg.norm(newton))
 
