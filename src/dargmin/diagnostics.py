@@ -33,7 +33,18 @@ PyTree = Any
 
 
 class DargminError(ValueError):
-    """Base class of dargmin's errors about the problem being differentiated."""
+    """Base class of dargmin's errors about the problem being differentiated.
+
+    Attributes
+    ----------
+    reason
+        A stable code for what went wrong: ``"nonfinite"``, ``"singular"``,
+        ``"ill_conditioned"``, ``"not_minimum"``, ``"not_stationary"`` (or ``None``). Under
+        ``jax.jit`` the error reaches the caller wrapped in a ``jax.errors.JaxRuntimeError``;
+        :func:`failure_reason` reads the same code from either.
+    """
+
+    reason: str | None = None
 
 
 class NonStationaryPointError(DargminError):
@@ -61,14 +72,86 @@ for _logger_name in ("jax._src.debugging", "jax._src.callback"):
     logging.getLogger(_logger_name).addFilter(_DropDargminCallbackTracebacks())
 
 
-def _worst(value: Any, *, largest: bool = True) -> float:
-    """Reduce a possibly batched (vmapped) measurement to its worst entry."""
-    arr = np.asarray(value, dtype=float).ravel()
-    if arr.size == 0:
-        return float("nan")
-    if np.any(~np.isfinite(arr)):
-        return float(arr[~np.isfinite(arr)][0])
-    return float(arr.max() if largest else arr.min())
+def _member_problems(
+    res: float,
+    xn: float,
+    step: float,
+    cond: float,
+    curv: float,
+    *,
+    system: str,
+    tol: float,
+    max_condition: float,
+    expect_positive_definite: bool,
+) -> list[tuple[type[DargminError], str, str]]:
+    """The problems of one (unbatched) solution, as ``(error type, reason code, sentence)``.
+
+    Conditioning is named before stationarity: at a nearly singular system the Newton step
+    is inflated by the conditioning, and "run the solver longer" would be the wrong advice.
+    """
+    scale = max(1.0, xn) if np.isfinite(xn) else 1.0
+    problems: list[tuple[type[DargminError], str, str]] = []
+    if not np.isfinite(res) or not np.isfinite(xn):
+        problems.append(
+            (
+                NonStationaryPointError,
+                "nonfinite",
+                f"the solution or its residual is not finite (‖x‖ = {xn:.3g}, "
+                f"‖g(x, θ)‖ = {res:.3g}); the solver diverged or received NaN/inf inputs.",
+            )
+        )
+        return problems
+    if not np.isfinite(step):
+        problems.append(
+            (
+                SingularSystemError,
+                "singular",
+                f"solving with the {system} at the solution gave non-finite values (or an "
+                f"iterative solver did not converge): the {system} is singular"
+                + (
+                    " or not positive definite (not a strict minimum)"
+                    if expect_positive_definite
+                    else ""
+                )
+                + f" (‖g(x, θ)‖ = {res:.3g}). Regularize the problem (e.g. add a small "
+                "ridge term), or use linear_solver='lstsq' to get the minimum-norm derivative.",
+            )
+        )
+        return problems
+    if np.isfinite(cond) and cond > max_condition:
+        problems.append(
+            (
+                SingularSystemError,
+                "ill_conditioned",
+                f"the {system} is nearly singular: its condition number is at least "
+                f"{cond:.3g} (limit {max_condition:.3g}), so derivatives lose all accuracy. "
+                "The optimum may not be unique (flat directions); regularize the problem or "
+                "use linear_solver='lstsq' for the minimum-norm derivative.",
+            )
+        )
+    if expect_positive_definite and np.isfinite(curv) and curv < 0:
+        problems.append(
+            (
+                SingularSystemError,
+                "not_minimum",
+                f"the Hessian is not positive definite at x (a probe found bᵀH⁻¹b = "
+                f"{curv:.3g} < 0): x is a saddle point or a maximum, not a minimum. Use "
+                "dargmin.root with linear_solver='lu' if any stationary point will do.",
+            )
+        )
+    if step > tol * scale:
+        problems.append(
+            (
+                NonStationaryPointError,
+                "not_stationary",
+                f"x is not a stationary point: the residual is ‖g(x, θ)‖ = {res:.3g} and the "
+                f"Newton step to the nearest root is ‖({system})⁻¹ g‖ = {step:.3g}, above "
+                f"the tolerance {tol:.1g} × max(1, ‖x‖ = {xn:.3g}). The implicit derivative "
+                "would be wrong by about that relative amount or more. Run the solver to "
+                "convergence (or raise tol= if this accuracy is acceptable).",
+            )
+        )
+    return problems
 
 
 def report_implicit_check(
@@ -88,81 +171,54 @@ def report_implicit_check(
     """Host-side half of the check made before every implicit derivative.
 
     Called through ``jax.pure_callback`` with the measured numbers (possibly batched by
-    ``vmap``, with leading batch axes); raises :class:`NonStationaryPointError` /
-    :class:`SingularSystemError` or warns with :class:`DargminWarning`, according to
-    ``mode``. Returns zeros of the batch shape (the caller adds them to ``x``).
+    ``vmap``, with leading batch axes). Every batch member is judged on its own numbers —
+    a member with a huge ``‖x‖`` must not loosen the tolerance of the others — and the
+    batch fails if any member fails; the message names the failing members. Raises
+    :class:`NonStationaryPointError` / :class:`SingularSystemError` or warns with
+    :class:`DargminWarning`, according to ``mode``. Returns zeros of the batch shape (the
+    caller adds them to the derivative, so the check is never dead code).
     """
-    batch_shape = np.broadcast_shapes(
-        *(np.shape(v) for v in (residual_norm, x_norm, newton_norm, condition, curvature))
-    )
+    values = [
+        np.asarray(v, dtype=float)
+        for v in (residual_norm, x_norm, newton_norm, condition, curvature)
+    ]
+    batch_shape = np.broadcast_shapes(*(v.shape for v in values))
     # The output dtype is the one declared at trace time (x64 may be toggled locally).
-    passed = np.zeros(batch_shape, dtype=dtype if dtype is not None else np.asarray(x_norm).dtype)
-    res, xn, step = _worst(residual_norm), _worst(x_norm), _worst(newton_norm)
-    cond, curv = _worst(condition), _worst(curvature, largest=False)
+    passed = np.zeros(batch_shape, dtype=dtype if dtype is not None else values[1].dtype)
+    members = [np.broadcast_to(v, batch_shape).ravel() for v in values]
     system = "Hessian" if kind == "argmin" else "Jacobian ∂ₓg"
-    scale = max(1.0, xn) if np.isfinite(xn) else 1.0
-    problems: list[tuple[type[DargminError], str]] = []
-    if not np.isfinite(res) or not np.isfinite(xn):
-        problems.append(
-            (
-                NonStationaryPointError,
-                f"the solution or its residual is not finite (‖x‖ = {xn:.3g}, "
-                f"‖g(x, θ)‖ = {res:.3g}); the solver diverged or received NaN/inf inputs.",
-            )
+    failing: list[tuple[int, list[tuple[type[DargminError], str, str]]]] = []
+    for i in range(int(np.prod(batch_shape, dtype=int))):
+        found = _member_problems(
+            *(float(m[i]) for m in members),
+            system=system,
+            tol=tol,
+            max_condition=max_condition,
+            expect_positive_definite=expect_positive_definite,
         )
-    elif not np.isfinite(step):
-        problems.append(
-            (
-                SingularSystemError,
-                f"solving with the {system} at the solution gave non-finite values (or an "
-                f"iterative solver did not converge): the {system} is singular"
-                + (
-                    " or not positive definite (not a strict minimum)"
-                    if expect_positive_definite
-                    else ""
-                )
-                + f" (‖g(x, θ)‖ = {res:.3g}). Regularize the problem (e.g. add a small "
-                "ridge term), or use linear_solver='lstsq' to get the minimum-norm derivative.",
-            )
-        )
-    else:
-        if step > tol * scale:
-            problems.append(
-                (
-                    NonStationaryPointError,
-                    f"x is not a stationary point: the residual is ‖g(x, θ)‖ = {res:.3g} and the "
-                    f"Newton step to the nearest root is ‖({system})⁻¹ g‖ = {step:.3g}, above "
-                    f"the tolerance {tol:.1g} × max(1, ‖x‖ = {xn:.3g}). The implicit derivative "
-                    "would be wrong by about that relative amount or more. Run the solver to "
-                    "convergence (or raise tol= if this accuracy is acceptable).",
-                )
-            )
-        if np.isfinite(cond) and cond > max_condition:
-            problems.append(
-                (
-                    SingularSystemError,
-                    f"the {system} is nearly singular: its condition number is at least "
-                    f"{cond:.3g} (limit {max_condition:.3g}), so derivatives lose all accuracy. "
-                    "The optimum may not be unique (flat directions); regularize the problem or "
-                    "use linear_solver='lstsq' for the minimum-norm derivative.",
-                )
-            )
-        if expect_positive_definite and np.isfinite(curv) and curv < 0:
-            problems.append(
-                (
-                    SingularSystemError,
-                    f"the Hessian is not positive definite at x (a probe found bᵀH⁻¹b = "
-                    f"{curv:.3g} < 0): x is a saddle point or a maximum, not a minimum. Use "
-                    "dargmin.root with linear_solver='lu' if any stationary point will do.",
-                )
-            )
-    if not problems:
+        if found:
+            failing.append((i, found))
+    if not failing:
         return passed
-    message = f"dargmin.{kind}: cannot differentiate the solution: " + " Also, ".join(
-        text for _, text in problems
+    problems = failing[0][1]
+    where = ""
+    if batch_shape:
+        bad = [np.unravel_index(i, batch_shape) for i, _ in failing]
+        named = ", ".join(str(tuple(int(j) for j in b)) for b in bad[:10])
+        where = (
+            f" (batch member{'s' if len(bad) > 1 else ''} {named}"
+            f"{' …' if len(bad) > 10 else ''} of a batch of shape {tuple(batch_shape)}; "
+            f"numbers below are member {tuple(int(j) for j in bad[0])}'s)"
+        )
+    message = (
+        f"dargmin.{kind}: cannot differentiate the solution{where}: "
+        + " Also, ".join(text for _, _, text in problems)
+        + f" [reason: {problems[0][1]}]"
     )
     if mode == "raise":
-        raise problems[0][0](message)
+        error = problems[0][0](message)
+        error.reason = problems[0][1]
+        raise error
     warnings.warn(message, DargminWarning, stacklevel=2)
     return passed
 
@@ -398,4 +454,30 @@ def reraise_typed(err: Exception) -> None:
     match = re.search(r"(\w+Error): (dargmin\.\w+: cannot differentiate.*)", text, flags=re.S)
     if match and match.group(1) in _ERROR_TYPES:
         message = match.group(2).strip().splitlines()[0]
-        raise _ERROR_TYPES[match.group(1)](message) from None
+        error = _ERROR_TYPES[match.group(1)](message)
+        error.reason = failure_reason(err)
+        raise error from None
+
+
+_REASON = re.compile(r"\[reason: (\w+)\]")
+
+
+def failure_reason(err: BaseException) -> str | None:
+    """The stable reason code of a dargmin refusal, typed or wrapped by JAX.
+
+    Eagerly, dargmin raises :class:`NonStationaryPointError` / :class:`SingularSystemError`;
+    inside ``jax.jit`` JAX wraps them in ``jax.errors.JaxRuntimeError``. Both carry the code
+    ``[reason: …]`` at the end of dargmin's sentence; this returns it (``None`` if ``err``
+    is not a dargmin refusal), so callers need no regular expression of their own.
+
+    Examples
+    --------
+    >>> failure_reason(NonStationaryPointError("… [reason: not_stationary]"))
+    'not_stationary'
+    >>> failure_reason(RuntimeError("unrelated")) is None
+    True
+    """
+    if isinstance(err, DargminError) and err.reason is not None:
+        return err.reason
+    match = _REASON.search(str(err))
+    return match.group(1) if match else None

@@ -38,7 +38,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from dargmin import diagnostics
-from dargmin.linear_solvers import make_linear_solver, needs_spd_tags
+from dargmin.linear_solvers import make_linear_solver, needs_spd_tags, needs_symmetric_tag
 
 CheckMode = Literal["raise", "warn", "ignore"]
 PyTree = Any
@@ -113,9 +113,10 @@ def _operator_tags(cfg: ImplicitConfig, solver: lx.AbstractLinearSolver) -> tupl
         if cfg.positive_definite or needs_spd_tags(solver):
             return (lx.symmetric_tag, lx.positive_semidefinite_tag)
         return (lx.symmetric_tag,)
-    if needs_spd_tags(solver):
+    if needs_symmetric_tag(solver):
         raise ValueError(
-            f"linear_solver={cfg.linear_solver!r} needs a symmetric positive-definite system, "
+            f"linear_solver={cfg.linear_solver!r} needs a symmetric (for 'cholesky'/'cg': "
+            "positive-definite) system, "
             f"but this {cfg.kind} problem has a general Jacobian. Use 'lu', 'gmres' or "
             "'bicgstab', or use dargmin.argmin when the system is a Hessian."
         )
@@ -345,12 +346,38 @@ def _validate_shapes(
             f"shapes of x (a square system); x has leaves of shapes {x_shapes}, the function "
             f"returned {jax.tree_util.tree_structure(out)} with shapes {out_shapes}."
         )
+    if _flat_size(x) == 0:
+        raise ValueError(
+            f"The {cfg.kind} solution x has no entries (leaves of shapes {x_shapes}): there is "
+            "nothing to differentiate. Check the solver's output."
+        )
     for leaf in jax.tree_util.tree_leaves(x):
         if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
             raise TypeError(
                 f"The solution x must have floating-point leaves to be differentiated, got "
                 f"dtype {jnp.result_type(leaf)}."
             )
+
+
+def _validate_solver_output(
+    solver: Callable[..., PyTree], init: PyTree, x_star: PyTree, cfg: ImplicitConfig
+) -> None:
+    """A solver that returns another shape than its ``init`` is a bug in the solver, not a
+    convergence failure: say so with both shapes instead of reporting a huge residual."""
+    if init is None:
+        return
+    init_struct = jax.tree_util.tree_structure(init)
+    x_struct = jax.tree_util.tree_structure(x_star)
+    init_shapes = [jnp.shape(leaf) for leaf in jax.tree_util.tree_leaves(init)]
+    x_shapes = [jnp.shape(leaf) for leaf in jax.tree_util.tree_leaves(x_star)]
+    if init_struct != x_struct or init_shapes != x_shapes:
+        name = getattr(solver, "__name__", repr(solver))
+        raise ValueError(
+            f"dargmin.{cfg.kind}: the solver {name!r} returned a solution of shapes "
+            f"{x_shapes} ({x_struct}) for an init of shapes {init_shapes} ({init_struct}). "
+            "The solution must have the structure and shapes of init (e.g. reshape a (p, 1) "
+            "column to (p,))."
+        )
 
 
 def _decorate(optimality_for: Callable[[], Callable[..., PyTree]], cfg: ImplicitConfig):
@@ -362,6 +389,7 @@ def _decorate(optimality_for: Callable[[], Callable[..., PyTree]], cfg: Implicit
             # The solver never sees tracers with tangents: it is not differentiated (its
             # iterations are neither unrolled nor required to be differentiable).
             x_star = solver(init, *jax.lax.stop_gradient(params))
+            _validate_solver_output(solver, init, x_star, cfg)
             return implicit_solution(optimality_fn, x_star, *params, config=cfg)
 
         return solve_with_implicit_derivatives

@@ -15,12 +15,13 @@ name            lineax solver                              use when
 ``"lstsq"``     :class:`lineax.SVD` (dense, pseudo-inv.)   singular / rank-deficient systems
 ``"lsmr"``      :class:`lineax.LSMR` (matrix-free)         large singular / least squares
 ``"qr"``        :class:`lineax.QR` (dense)                 full-rank rectangular / square
+``"minres"``    :class:`dargmin.krylov.MINRES` (m.-free)   large symmetric indefinite
 ==============  =========================================  ==================================
 
 ``"auto"``: dense when the unknown has at most ``dense_max_size`` entries (Cholesky for a
 symmetric positive-definite system, LU otherwise), matrix-free beyond (CG / GMRES).
-MINRES is not offered: lineax does not ship it; ``"gmres"`` (or ``"lu"`` for small
-systems) handles symmetric indefinite systems.
+lineax ships no MINRES, so ``"minres"`` is dargmin's own (:mod:`dargmin.krylov`), written on
+lineax's solver interface so that it transposes and differentiates like the others.
 """
 
 from __future__ import annotations
@@ -31,13 +32,17 @@ import jax
 import jax.numpy as jnp
 import lineax as lx
 
-SolverName = Literal["auto", "cholesky", "lu", "cg", "gmres", "bicgstab", "lstsq", "lsmr", "qr"]
+from dargmin.krylov import MINRES
+
+SolverName = Literal[
+    "auto", "cholesky", "lu", "cg", "gmres", "bicgstab", "lstsq", "lsmr", "qr", "minres"
+]
 
 #: Above this many unknowns, ``"auto"`` switches from dense factorizations to Krylov
 #: methods (building the dense matrix costs one Jacobian-vector product per unknown).
 DENSE_MAX_SIZE = 200
 
-_NAMES = ("auto", "cholesky", "lu", "cg", "gmres", "bicgstab", "lstsq", "lsmr", "qr")
+_NAMES = ("auto", "cholesky", "lu", "cg", "gmres", "bicgstab", "lstsq", "lsmr", "qr", "minres")
 
 
 def two_norm(tree: object) -> jax.Array:
@@ -91,9 +96,8 @@ def make_linear_solver(
     if isinstance(name, lx.AbstractLinearSolver):
         return name
     if not isinstance(name, str) or name not in _NAMES:
-        hint = " (lineax has no MINRES; use 'gmres' or 'lu')" if name == "minres" else ""
         raise ValueError(
-            f"Unknown linear_solver {name!r}{hint}. Choose one of {', '.join(_NAMES)} "
+            f"Unknown linear_solver {name!r}. Choose one of {', '.join(_NAMES)} "
             "or pass a lineax.AbstractLinearSolver instance."
         )
     if max_steps is None:
@@ -119,7 +123,20 @@ def make_linear_solver(
         )
     if name == "bicgstab":
         return lx.BiCGStab(rtol=rtol, atol=atol, norm=two_norm, max_steps=max_steps)
+    if name == "minres":
+        return MINRES(rtol=rtol, atol=atol, max_steps=max_steps)
     return lx.LSMR(rtol=rtol, atol=atol, max_steps=max_steps)
+
+
+def needs_symmetric_tag(solver: lx.AbstractLinearSolver) -> bool:
+    """Whether ``solver`` requires a symmetric operator (MINRES, and the SPD solvers).
+
+    Examples
+    --------
+    >>> needs_symmetric_tag(MINRES(rtol=1e-8, atol=1e-8))
+    True
+    """
+    return isinstance(solver, MINRES) or needs_spd_tags(solver)
 
 
 def needs_spd_tags(solver: lx.AbstractLinearSolver) -> bool:

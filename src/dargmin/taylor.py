@@ -407,8 +407,7 @@ class TaylorExpansion:
         krylov_rtol: float | None = None,
         krylov_max_steps: int | None = None,
     ) -> None:
-        if int(order) < 1:
-            raise ValueError(f"order must be at least 1, got {order}.")
+        self._order = _validate_order(order, minimum=1)
         if method not in ("auto", "jet", "nested"):
             raise ValueError(f"method must be 'auto', 'jet' or 'nested', got {method!r}.")
         if linear_solver not in ("auto", "cholesky", "lu", "cg", "gmres"):
@@ -418,7 +417,6 @@ class TaylorExpansion:
             )
         if check not in ("raise", "warn", "ignore"):
             raise ValueError(f"check must be 'raise', 'warn' or 'ignore', got {check!r}.")
-        self._order = int(order)
         self._optimality = bool(optimality)
         self._symmetric = (not optimality) if symmetric is None else bool(symmetric)
         self._check = check
@@ -713,7 +711,7 @@ class TaylorExpansion:
         return lambda d: ravel_pytree(compiled(state, self._unravel_th(d))[-1])[0]
 
     def _check_order(self, order: int | None) -> int:
-        order = self._order if order is None else int(order)
+        order = self._order if order is None else _validate_order(order, minimum=0)
         if not 0 <= order <= self._order:
             raise ValueError(
                 f"order must be between 0 and the expansion's order {self._order}, got {order}."
@@ -963,6 +961,15 @@ class TaylorExpansion:
             f"TaylorExpansion(order={self._order}, n={self._x0.size}, m={self._th0.size}, "
             f"method={self._method!r}, linear_solver={self._linear_solver!r})"
         )
+
+
+def _validate_order(order: Any, *, minimum: int) -> int:
+    """An order is a whole number: ``order=1.5`` must not be silently truncated to 1."""
+    if isinstance(order, bool) or not float(order).is_integer():
+        raise ValueError(f"order must be a whole number (an int), got {order!r}.")
+    if int(order) < minimum:
+        raise ValueError(f"order must be at least {minimum}, got {order!r}.")
+    return int(order)
 
 
 def _radius_estimate(coeffs: Sequence[float]) -> float:
