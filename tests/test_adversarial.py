@@ -100,3 +100,19 @@ def test_error_type_and_reason_are_stable_across_calls():
         seen.append((type(info.value), failure_reason(info.value)))
     assert len(set(seen)) == 1, seen
     assert seen[0][1] == "nonfinite"
+
+
+@pytest.mark.parametrize("linear_solver", ["cholesky", "lu", "qr", "lstsq"])
+def test_dense_argmin_refuses_a_saddle_with_one_negative_direction_among_many(linear_solver):
+    # f = ½ xᵀ D x − θᵀx with D = diag(1..10, −0.5): the stationary point D⁻¹θ is a saddle.
+    # A single random probe used to miss the one negative direction; the eigenvalue cannot.
+    d = jnp.concatenate([jnp.arange(1.0, 11.0), jnp.array([-0.5])])
+    f = lambda x, t: 0.5 * jnp.sum(d * x**2) - jnp.sum(t * x)  # noqa: E731
+
+    @dargmin.argmin(f, linear_solver=linear_solver)
+    def solve(init, t):
+        return t / d
+
+    with pytest.raises(dargmin.SingularSystemError, match=r"smallest eigenvalue is -0\.5") as info:
+        jax.jacfwd(lambda t: solve(None, t))(jnp.ones(11))
+    assert failure_reason(info.value) == "not_minimum"

@@ -182,11 +182,11 @@ def test_shape_mismatch_and_bad_options_are_clear_errors():
 
     with pytest.raises(ValueError, match="structure and shapes of x"):
         solve(None, jnp.ones(2))
-    with pytest.raises(ValueError, match="lineax has no MINRES"):
-        jax.jacfwd(dargmin.argmin(quadratic, linear_solver="minres")(lambda i, a: 0 * a), 1)(
+    with pytest.raises(ValueError, match="Unknown linear_solver 'conjugate'"):
+        jax.jacfwd(dargmin.argmin(quadratic, linear_solver="conjugate")(lambda i, a: 0 * a), 1)(
             None, SCALES
         )
-    with pytest.raises(ValueError, match="symmetric positive-definite"):
+    with pytest.raises(ValueError, match="needs a symmetric"):
         jax.jacfwd(dargmin.root(lambda x, b: x - b, linear_solver="cg")(lambda i, b: b), 1)(
             None, SCALES
         )

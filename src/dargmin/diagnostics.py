@@ -101,7 +101,7 @@ def _member_problems(
             )
         )
         return problems
-    if not np.isfinite(step):
+    if not np.isfinite(step) and not (expect_positive_definite and curv < 0):
         problems.append(
             (
                 SingularSystemError,
@@ -118,6 +118,10 @@ def _member_problems(
             )
         )
         return problems
+    if not np.isfinite(step):
+        # A Cholesky factorization fails (NaN) on an indefinite Hessian: the certified
+        # negative eigenvalue, checked below, is the cause to name.
+        step = float("inf")
     if np.isfinite(cond) and cond > max_condition:
         problems.append(
             (
@@ -134,12 +138,12 @@ def _member_problems(
             (
                 SingularSystemError,
                 "not_minimum",
-                f"the Hessian is not positive definite at x (a probe found bᵀH⁻¹b = "
+                f"the Hessian is not positive definite at x (its smallest eigenvalue is "
                 f"{curv:.3g} < 0): x is a saddle point or a maximum, not a minimum. Use "
                 "dargmin.root with linear_solver='lu' if any stationary point will do.",
             )
         )
-    if step > tol * scale:
+    if np.isfinite(step) and step > tol * scale:
         problems.append(
             (
                 NonStationaryPointError,
