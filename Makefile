@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo test docs lint format bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,21 +16,26 @@ demo: $(STAMP)
 	$(PY) examples/demo.py
 
 test: $(STAMP)
-	$(PY) -m ruff check src tests examples benchmarks
-	$(PY) -m ruff format --check src tests examples benchmarks
+	$(PY) -m ruff check src tests examples benchmarks conftest.py docs
+	$(PY) -m ruff format --check src tests examples benchmarks conftest.py docs
 	$(PY) -m pytest -n 2 -q
 
+# The documentation site (mkdocs-material + mkdocstrings), built into site/.
+docs: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[docs]"
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
 lint: $(STAMP)
-	$(PY) -m ruff check src tests examples benchmarks
-	$(PY) -m ruff format --check src tests examples benchmarks
+	$(PY) -m ruff check src tests examples benchmarks conftest.py docs
+	$(PY) -m ruff format --check src tests examples benchmarks conftest.py docs
 
 format: $(STAMP)
-	$(PY) -m ruff format src tests examples benchmarks
-	$(PY) -m ruff check --fix src tests examples benchmarks
+	$(PY) -m ruff format src tests examples benchmarks conftest.py docs
+	$(PY) -m ruff check --fix src tests examples benchmarks conftest.py docs
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[bench]"
 	$(PY) benchmarks/implicit_vs_peers.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache site
