@@ -16,8 +16,8 @@ demo: $(STAMP)
 	$(PY) examples/demo.py
 
 test: $(STAMP)
-	$(PY) -m ruff check src tests examples benchmarks conftest.py docs
-	$(PY) -m ruff format --check src tests examples benchmarks conftest.py docs
+	$(PY) -m ruff check src tests examples benchmarks conftest.py docs/_ext
+	$(PY) -m ruff format --check src tests examples benchmarks conftest.py docs/_ext
 	$(PY) -m pytest -n 2 -q
 
 # The documentation site (mkdocs-material + mkdocstrings), built into site/.
@@ -26,12 +26,12 @@ docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests examples benchmarks conftest.py docs
-	$(PY) -m ruff format --check src tests examples benchmarks conftest.py docs
+	$(PY) -m ruff check src tests examples benchmarks conftest.py docs/_ext
+	$(PY) -m ruff format --check src tests examples benchmarks conftest.py docs/_ext
 
 format: $(STAMP)
-	$(PY) -m ruff format src tests examples benchmarks conftest.py docs
-	$(PY) -m ruff check --fix src tests examples benchmarks conftest.py docs
+	$(PY) -m ruff format src tests examples benchmarks conftest.py docs/_ext
+	$(PY) -m ruff check --fix src tests examples benchmarks conftest.py docs/_ext
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[bench]"

@@ -16,15 +16,33 @@ from dargmin.hyper import (
     degrees_of_freedom,
     hypergradient,
     lasso,
-    lasso_degrees_of_freedom,
-    monte_carlo_degrees_of_freedom,
     optimize_hyperparameters,
     optimize_sure,
     ridge,
     sparse_logistic,
-    sugar_gradient,
-    sure,
 )
+
+
+# The one-name-per-concept API (the former functions are deprecated aliases of these).
+def sure(problem, log_theta, sigma, *, df="exact", delta=None, n_probes=1, seed=0, **kw):
+    crit = SURE(sigma, df, delta=delta, n_probes=n_probes, seed=seed, probes=kw.pop("probes", None))
+    return crit.evaluate(problem, log_theta, **kw)
+
+
+def sugar_gradient(problem, log_theta, sigma, **kw):
+    return sure(problem, log_theta, sigma, df="finite_difference", **kw).grad
+
+
+def lasso_degrees_of_freedom(problem, log_theta, **kw):
+    if problem.l1 is None or problem.l2 is not None:
+        raise ValueError("needs a pure ℓ1 model")
+    return round(degrees_of_freedom(problem, log_theta, df="exact", **kw))
+
+
+def monte_carlo_degrees_of_freedom(problem, log_theta, *, delta=None, **kw):
+    df = "monte_carlo" if delta is None else "finite_difference"
+    return degrees_of_freedom(problem, log_theta, df=df, delta=delta, **kw)
+
 
 TIGHT = ProxCD(tol=1e-14, max_epochs=200_000)
 SIGMA = 1.0

@@ -5,8 +5,20 @@ where ``ŵ(θ) = argmin_w F(w, θ)`` is a (possibly non-smooth, ℓ1-penalized) 
 ``∇R = (dŵ/dθ)ᵀ ∇C`` computed by implicit differentiation on the support (Bertrand et al.,
 "Implicit differentiation for fast hyperparameter selection in non-smooth convex learning",
 ICML 2020 / JMLR 2022) or by forward/reverse differentiation of the inner solver.
+
+A call flows one way through the modules: the problem (``_datafits``, ``_problems``) →
+the inner solve (``_inner_solvers``, ``_sklearn_ridge_solvers``) → the derivative
+(``_hypergradients``, ``_unrolled``; one evaluation in ``_evaluation``) → the criterion
+(``_criteria``, ``_dof``, ``_risk``) → the outer loop (``_optimizers``, ``_outer``) → the
+estimators (``_estimators``, ``_classifier``). Strategies are objects
+(:class:`ImplicitSupport`, :class:`ProxCD`, :class:`ProjectedGradientDescent`...); the
+historical strings (``method="implicit"``, ``solver="cd"``, ``optimizer="lbfgs"``...) are
+mapped to them by :data:`REGISTRY`.
 """
 
+import warnings as _warnings
+
+from dargmin.hyper._classifier import SparseLogisticHyperCV
 from dargmin.hyper._criteria import (
     Criterion,
     CrossVal,
@@ -14,24 +26,46 @@ from dargmin.hyper._criteria import (
     HeldOutLogistic,
     HeldOutMSE,
 )
+from dargmin.hyper._dof import default_delta, degrees_of_freedom
 from dargmin.hyper._estimators import (
     ElasticNetHyperCV,
     LassoHyperCV,
     RidgeHyperCV,
-    SparseLogisticHyperCV,
     WeightedLassoHyperCV,
 )
-from dargmin.hyper._hypergrad import METHODS, HyperGradient, hypergradient
-from dargmin.hyper._outer import (
+from dargmin.hyper._evaluation import HypergradientResult, hypergradient
+from dargmin.hyper._hypergradients import (
+    METHODS,
+    HypergradientMethod,
+    ImplicitForward,
+    ImplicitSupport,
+)
+from dargmin.hyper._inner_solvers import (
+    FISTA,
+    InnerResult,
+    InnerSolver,
+    InnerSolverWarning,
+    ProxCD,
+    kkt_violation,
+    soft_threshold,
+)
+from dargmin.hyper._optimizers import (
+    LBFGSB,
     Monitor,
+    OptaxOptimizer,
     OuterResult,
+    ProjectedGradientDescent,
+    minimize_hyper,
+)
+from dargmin.hyper._outer import (
     default_bounds,
     default_log_theta0,
-    minimize_hyper,
     optimize_hyperparameters,
+    optimize_sure,
 )
 from dargmin.hyper._plot import plot_convergence
 from dargmin.hyper._problems import (
+    Cache,
     Datafit,
     HyperProblem,
     Logistic,
@@ -43,33 +77,61 @@ from dargmin.hyper._problems import (
     sparse_logistic,
     weighted_lasso,
 )
-from dargmin.hyper._risk import (
-    SURE,
-    SureResult,
-    default_delta,
-    degrees_of_freedom,
-    lasso_degrees_of_freedom,
-    monte_carlo_degrees_of_freedom,
-    optimize_sure,
-    sugar_gradient,
-    sure,
-)
-from dargmin.hyper._solvers import (
-    FISTA,
-    InnerResult,
-    InnerSolverWarning,
-    ProxCD,
-    RidgeDirect,
-    SklearnSolver,
-    kkt_violation,
-    make_solver,
-    soft_threshold,
-)
+from dargmin.hyper._registry import REGISTRY, resolve
+from dargmin.hyper._risk import SURE, SureResult
+from dargmin.hyper._sklearn_ridge_solvers import RidgeDirect, SklearnSolver, default_solver
+from dargmin.hyper._unrolled import Unrolled
+
+
+def _make_solver(solver, problem):
+    return resolve("solver", solver, problem)
+
+
+def _deprecated():
+    from dargmin.hyper import _dof, _risk
+
+    return {
+        "HyperGradient": (HypergradientResult, "dargmin.hyper.HypergradientResult"),
+        "sure": (_risk._sure, "dargmin.hyper.SURE(sigma, df=...).evaluate(problem, log_theta)"),
+        "sugar_gradient": (
+            _risk._sugar_gradient,
+            'dargmin.hyper.SURE(sigma, "finite_difference", ...).evaluate(problem, log_theta).grad',
+        ),
+        "lasso_degrees_of_freedom": (
+            _dof._lasso_degrees_of_freedom,
+            'dargmin.hyper.degrees_of_freedom(problem, log_theta, df="exact")',
+        ),
+        "monte_carlo_degrees_of_freedom": (
+            _dof._monte_carlo_degrees_of_freedom,
+            'dargmin.hyper.degrees_of_freedom(problem, log_theta, df="monte_carlo") (or '
+            'df="finite_difference", delta=...)',
+        ),
+        "make_solver": (_make_solver, 'dargmin.hyper.resolve("solver", solver, problem)'),
+    }
+
+
+def __getattr__(name: str):
+    # Names dropped from the public surface stay importable for one release.
+    table = _deprecated()
+    if name in table:
+        obj, replacement = table[name]
+        _warnings.warn(
+            f"dargmin.hyper.{name} is deprecated and will be removed in the next release; "
+            f"use {replacement}.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return obj
+    raise AttributeError(f"module 'dargmin.hyper' has no attribute {name!r}")
+
 
 __all__ = [
     "FISTA",
+    "LBFGSB",
     "METHODS",
+    "REGISTRY",
     "SURE",
+    "Cache",
     "Criterion",
     "CrossVal",
     "CustomCriterion",
@@ -77,14 +139,20 @@ __all__ = [
     "ElasticNetHyperCV",
     "HeldOutLogistic",
     "HeldOutMSE",
-    "HyperGradient",
     "HyperProblem",
+    "HypergradientMethod",
+    "HypergradientResult",
+    "ImplicitForward",
+    "ImplicitSupport",
     "InnerResult",
+    "InnerSolver",
     "InnerSolverWarning",
     "LassoHyperCV",
     "Logistic",
     "Monitor",
+    "OptaxOptimizer",
     "OuterResult",
+    "ProjectedGradientDescent",
     "ProxCD",
     "Quadratic",
     "RidgeDirect",
@@ -92,27 +160,25 @@ __all__ = [
     "SklearnSolver",
     "SparseLogisticHyperCV",
     "SureResult",
+    "Unrolled",
     "WeightedLassoHyperCV",
     "default_bounds",
     "default_delta",
     "default_log_theta0",
+    "default_solver",
     "degrees_of_freedom",
     "elastic_net",
     "hypergradient",
     "kkt_violation",
     "l2_logistic",
     "lasso",
-    "lasso_degrees_of_freedom",
-    "make_solver",
     "minimize_hyper",
-    "monte_carlo_degrees_of_freedom",
     "optimize_hyperparameters",
     "optimize_sure",
     "plot_convergence",
+    "resolve",
     "ridge",
     "soft_threshold",
     "sparse_logistic",
-    "sugar_gradient",
-    "sure",
     "weighted_lasso",
 ]

@@ -3,7 +3,12 @@
 A criterion is a JAX-traceable callable ``criterion(w, problem) -> scalar`` of the inner
 solution ``w`` (and of the :class:`~dargmin.hyper.HyperProblem`, which knows how to turn
 ``w`` into predictions, intercept included). :class:`CrossVal` is different: it splits the
-training data of a problem into folds and is averaged over per-fold inner problems.
+training data of a problem into folds (``folds(problem)``) and is averaged over per-fold
+inner problems.
+
+The built-in criteria are immutable (:class:`equinox.Module`); what they compute once per
+problem (the validation design, the folds) is kept in a :class:`~dargmin.hyper.Cache`
+created with the criterion.
 """
 
 from __future__ import annotations
@@ -11,12 +16,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.special
 
-from dargmin.hyper._problems import HyperProblem, _check_finite
+from dargmin.hyper._problems import Cache, HyperProblem, _check_finite
 
 Array = Any
 
@@ -59,21 +65,23 @@ def _validation_data(X: Array, y: Array) -> tuple[np.ndarray, np.ndarray]:
 def _check_features(X_val: np.ndarray, problem: HyperProblem) -> None:
     if X_val.shape[1] != problem.n_features:
         raise ValueError(
-            f"X_val has {X_val.shape[1]} features but the inner problem has {problem.n_features}."
+            f"X_val has {X_val.shape[1]} features but the inner problem has "
+            f"{problem.n_features}; pass validation data with the training columns."
         )
 
 
 def _design_for(crit: Any, problem: HyperProblem) -> tuple[np.ndarray, float]:
-    # Cache the prediction design of the validation data per problem (fold): the criterion
-    # is evaluated once per outer step, the design changes only with the problem.
-    cache = crit.__dict__.setdefault("_designs", {})
-    if id(problem) not in cache:
+    # The prediction design of the validation data, once per problem (fold): the criterion
+    # is evaluated once per outer step, the design changes only with the problem. The
+    # problem is kept with its design so that its id is not reused while cached.
+    def compute():
         _check_features(crit.X_val, problem)
-        cache[id(problem)] = (problem, *problem.prediction_design(crit.X_val))
-    return cache[id(problem)][1:]
+        return (problem, *problem.prediction_design(crit.X_val))
+
+    return crit.cache.get(("design", id(problem)), compute)[1:]
 
 
-class HeldOutMSE(Criterion):
+class HeldOutMSE(eqx.Module, Criterion):
     """Mean squared error on held-out data, ``C(w) = ‖y_val − X_val w − b‖² / n_val``.
 
     Examples
@@ -85,8 +93,13 @@ class HeldOutMSE(Criterion):
     2.0
     """
 
+    X_val: np.ndarray
+    y_val: np.ndarray
+    cache: Cache = eqx.field(repr=False, static=True)
+
     def __init__(self, X_val: Array, y_val: Array):
         self.X_val, self.y_val = _validation_data(X_val, y_val)
+        self.cache = Cache()
 
     def __call__(self, w: Array, problem: HyperProblem) -> Array:
         pred = problem.decision_function(self.X_val, w)
@@ -100,7 +113,7 @@ class HeldOutMSE(Criterion):
         return float(r @ r / m), 2.0 * (A.T @ r) / m
 
 
-class HeldOutLogistic(Criterion):
+class HeldOutLogistic(eqx.Module, Criterion):
     """Mean logistic loss on held-out data (labels ``±1``), ``(1/n)Σ log(1+e^{−yᵢ zᵢ})``.
 
     Examples
@@ -112,10 +125,18 @@ class HeldOutLogistic(Criterion):
     0.6931
     """
 
+    X_val: np.ndarray
+    y_val: np.ndarray
+    cache: Cache = eqx.field(repr=False, static=True)
+
     def __init__(self, X_val: Array, y_val: Array):
-        self.X_val, self.y_val = _validation_data(X_val, y_val)
-        if not np.all(np.isin(self.y_val, (-1.0, 1.0))):
-            raise ValueError("HeldOutLogistic needs labels in {-1, +1}.")
+        X_val, y_val = _validation_data(X_val, y_val)
+        if not np.all(np.isin(y_val, (-1.0, 1.0))):
+            raise ValueError(
+                "HeldOutLogistic needs labels in {-1, +1}; encode the two classes as -1 and +1."
+            )
+        self.X_val, self.y_val = X_val, y_val
+        self.cache = Cache()
 
     def __call__(self, w: Array, problem: HyperProblem) -> Array:
         z = problem.decision_function(self.X_val, w)
@@ -130,7 +151,7 @@ class HeldOutLogistic(Criterion):
         return val, -(A.T @ (self.y_val * scipy.special.expit(-yz))) / m
 
 
-class CustomCriterion(Criterion):
+class CustomCriterion(eqx.Module, Criterion):
     """Wrap a user function ``fn(w, problem) -> scalar`` (JAX-traceable in ``w``).
 
     Examples
@@ -141,6 +162,8 @@ class CustomCriterion(Criterion):
     5.0
     """
 
+    fn: Callable[[Array, HyperProblem], Array]
+
     def __init__(self, fn: Callable[[Array, HyperProblem], Array]):
         if not callable(fn):
             raise TypeError(f"CustomCriterion needs a callable, got {type(fn).__name__}.")
@@ -150,7 +173,7 @@ class CustomCriterion(Criterion):
         return self.fn(w, problem)
 
 
-class CrossVal:
+class CrossVal(eqx.Module):
     """K-fold cross-validation: the mean over folds of a held-out criterion.
 
     .. math:: C(\\theta) = \\frac1K \\sum_{k=1}^K C_k\\big(\\hat w^{(k)}(\\theta)\\big),
@@ -175,24 +198,32 @@ class CrossVal:
     3
     """
 
+    criterion: Callable[[Array, Array], Criterion]
+    cv: Any
+    cache: Cache = eqx.field(repr=False, static=True)
+
     def __init__(self, criterion: Callable[[Array, Array], Criterion] = HeldOutMSE, cv: Any = 5):
         self.criterion = criterion
         self.cv = cv
-        self._cache: tuple[HyperProblem, list] | None = None
+        self.cache = Cache()
 
     def folds(self, problem: HyperProblem) -> list[tuple[HyperProblem, Criterion]]:
         """The per-fold ``(inner problem, held-out criterion)`` pairs (cached per problem)."""
-        if self._cache is not None and self._cache[0] is problem:
-            # Same fold objects on every evaluation: no copies of the data, and solvers keyed
-            # on the fold problem keep their warm starts.
-            return self._cache[1]
+        # Same fold objects on every evaluation (one entry: the last problem): no copies of
+        # the data, and solvers keyed on the fold problem keep their warm starts.
+        last = self.cache.get("folds", lambda: None)
+        if last is not None and last[0] is problem:
+            return last[1]
         from sklearn.model_selection import KFold
 
         splitter = KFold(int(self.cv)) if isinstance(self.cv, int | np.integer) else self.cv
         if isinstance(self.cv, int | np.integer) and not 2 <= self.cv <= problem.n_samples:
-            raise ValueError(f"cv={self.cv} folds is impossible with {problem.n_samples} samples.")
+            raise ValueError(
+                f"cv={self.cv} folds is impossible with {problem.n_samples} samples; use "
+                f"2 <= cv <= {problem.n_samples}."
+            )
         out = []
         for train, test in splitter.split(problem.X, problem.y):
             out.append((problem.subset(train), self.criterion(problem.X[test], problem.y[test])))
-        self._cache = (problem, out)
+        self.cache.set("folds", (problem, out))
         return out

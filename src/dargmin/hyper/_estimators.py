@@ -8,25 +8,25 @@ search instead of a grid (and so usable with one hyperparameter per feature).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import jax
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
-from sklearn.utils.multiclass import check_classification_targets
+from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from dargmin.hyper._criteria import CrossVal, HeldOutLogistic, HeldOutMSE
+from dargmin.diagnostics import DargminWarning
+from dargmin.hyper._criteria import CrossVal, HeldOutMSE
 from dargmin.hyper._outer import default_bounds, optimize_hyperparameters
 from dargmin.hyper._problems import (
     HyperProblem,
     elastic_net,
     lasso,
     ridge,
-    sparse_logistic,
     weighted_lasso,
 )
-from dargmin.hyper._solvers import make_solver
+from dargmin.hyper._registry import resolve
 
 
 class _HyperCVBase(BaseEstimator):
@@ -60,6 +60,9 @@ class _HyperCVBase(BaseEstimator):
             if isinstance(cv, int | np.integer) and cv > X.shape[0]:
                 raise ValueError(f"cv={cv} folds needs at least {cv} samples, got {X.shape[0]}.")
             criterion = CrossVal(self._criterion, cv=cv)
+            reason = problem.null_model_reason()
+            if reason is not None:
+                return self._fit_null_model(problem, reason)
             theta0 = self._initial_log_theta(problem, X, y)
             res = optimize_hyperparameters(
                 problem,
@@ -73,7 +76,7 @@ class _HyperCVBase(BaseEstimator):
                 progress=self.verbose,
             )
             # Refit on all the training data at the selected hyperparameters.
-            solver = make_solver(self.solver, problem)
+            solver = resolve("solver", self.solver, problem)
             coef_full = solver.solve(problem, res.log_theta).coef
         coef, intercept = problem.coef_intercept(coef_full)
         self.coef_ = coef
@@ -83,6 +86,29 @@ class _HyperCVBase(BaseEstimator):
         self.n_iter_ = int(res.n_iter)
         self.n_evals_ = int(res.n_evals)
         self.cv_score_ = float(res.value)
+        self._set_hyper_attributes(self.log_theta_, problem)
+        return self
+
+    def _fit_null_model(self, problem: HyperProblem, reason: str) -> _HyperCVBase:
+        """Every penalty gives ``ŵ = 0``: no search; the strongest penalty of the box."""
+        from dargmin.hyper._optimizers import Monitor
+
+        log_theta = np.asarray(default_bounds(problem)[1], dtype=float)
+        warnings.warn(
+            f"{type(self).__name__}: {reason}, so the fitted coefficients are zero for every "
+            "regularization strength and there is nothing to select; the upper end of the "
+            f"search box, log_theta = {np.round(log_theta, 4).tolist()[:5]}, is reported "
+            "(α_max falls back to 1 when it is 0). Check the data (e.g. y or X constant).",
+            DargminWarning,
+            stacklevel=4,
+        )
+        coef_full = resolve("solver", self.solver, problem).solve(problem, log_theta).coef
+        coef, intercept = problem.coef_intercept(coef_full)
+        self.coef_, self.intercept_ = coef, intercept
+        self.log_theta_ = log_theta
+        self.path_ = Monitor()
+        self.n_iter_, self.n_evals_ = 0, 0
+        self.cv_score_ = float("nan")
         self._set_hyper_attributes(self.log_theta_, problem)
         return self
 
@@ -100,9 +126,10 @@ class _HyperCVBase(BaseEstimator):
 _COMMON_PARAMS_DOC = """
     cv : int or cross-validation splitter, default=5
         Folds of the cross-validation criterion (mean held-out loss over folds).
-    method : {"implicit", "implicit_forward", "forward", "reverse"}, default="implicit"
-        Hypergradient method (:func:`dargmin.hyper.hypergradient`).
-    optimizer : "gd", "lbfgs" or an optax optimizer, default="gd"
+    method : str or HypergradientMethod, default="implicit"
+        Hypergradient method (:func:`dargmin.hyper.hypergradient`): an object such as
+        ``ImplicitSupport()`` or a name ("implicit", "implicit_forward", "forward", "reverse").
+    optimizer : "gd", "lbfgs", an optimizer object or an optax optimizer, default="gd"
         Outer optimizer (:func:`dargmin.hyper.minimize_hyper`).
     solver : str or solver object, default="auto"
         Inner solver: "auto", "cd", "fista", "sklearn" or an instance.
@@ -394,118 +421,3 @@ class RidgeHyperCV(_Regressor):
 
     def _set_hyper_attributes(self, log_theta, problem):
         self.alpha_ = float(problem.n_samples * np.exp(log_theta[0]))
-
-
-class SparseLogisticHyperCV(ClassifierMixin, _HyperCVBase):
-    (
-        """Binary ℓ1 logistic regression with ``alpha`` tuned on the CV log-loss.
-
-    ``(1/n)Σ log(1 + e^{−yᵢ(xᵢᵀw + b)}) + alpha‖w‖₁``; scikit-learn's
-    ``LogisticRegression(penalty="l1")`` uses ``C_ = 1/(n alpha_)``.
-    """
-        + _COMMON_PARAMS_DOC
-        + """
-    Attributes
-    ----------
-    alpha_, C_ : float
-        Selected strength and its ``LogisticRegression`` equivalent.
-    classes_ : ndarray of shape (2,)
-    coef_ : ndarray of shape (1, n_features)
-    intercept_ : ndarray of shape (1,)
-    path_, n_iter_, cv_score_
-        As in :class:`LassoHyperCV`.
-
-    Examples
-    --------
-    >>> from sklearn.datasets import make_classification
-    >>> X, y = make_classification(80, 10, n_informative=3, random_state=0)
-    >>> est = SparseLogisticHyperCV(cv=3, max_iter=10).fit(X, y)
-    >>> est.score(X, y) > 0.8
-    True
-    """
-    )
-
-    _criterion = HeldOutLogistic
-
-    def __init__(
-        self,
-        *,
-        cv: Any = 5,
-        method: str = "implicit",
-        optimizer: Any = "gd",
-        solver: Any = "auto",
-        max_iter: int = 30,
-        fit_intercept: bool = True,
-        verbose: bool = False,
-    ):
-        self.cv = cv
-        self.method = method
-        self.optimizer = optimizer
-        self.solver = solver
-        self.max_iter = max_iter
-        self.fit_intercept = fit_intercept
-        self.verbose = verbose
-
-    def _make_problem(self, X, y):
-        return sparse_logistic(X, y, fit_intercept=self.fit_intercept)
-
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.classifier_tags.multi_class = False
-        return tags
-
-    def _split(self, y):
-        from sklearn.model_selection import StratifiedKFold
-
-        if isinstance(self.cv, int | np.integer):
-            _, counts = np.unique(y, return_counts=True)
-            # Stratify when every class can populate every fold.
-            if counts.min() >= self.cv:
-                return StratifiedKFold(int(self.cv))
-        return self.cv
-
-    def fit(self, X: Any, y: Any) -> SparseLogisticHyperCV:
-        """Select ``alpha`` by hypergradient descent on the CV log-loss, then refit.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-        y : array-like of shape (n_samples,) with exactly two classes
-
-        Returns
-        -------
-        self
-        """
-        X, y = validate_data(self, X, y, ensure_min_samples=2, dtype=np.float64)
-        check_classification_targets(y)
-        self.classes_ = np.unique(y)
-        if self.classes_.size != 2:
-            raise ValueError(
-                "Only binary classification is supported. SparseLogisticHyperCV got "
-                f"{self.classes_.size} class(es): {self.classes_.tolist()[:5]}."
-            )
-        y_pm = np.where(y == self.classes_[1], 1.0, -1.0)
-        self._fit(X, y_pm)
-        self.coef_ = self.coef_[None, :]
-        self.intercept_ = np.array([self.intercept_])
-        return self
-
-    def _set_hyper_attributes(self, log_theta, problem):
-        self.alpha_ = float(np.exp(log_theta[0]))
-        self.C_ = 1.0 / (problem.n_samples * self.alpha_)
-
-    def decision_function(self, X: Any) -> np.ndarray:
-        """Signed distance ``X coef_ᵀ + intercept_`` (positive: ``classes_[1]``)."""
-        check_is_fitted(self, "coef_")
-        X = validate_data(self, X, reset=False)
-        return X @ self.coef_[0] + self.intercept_[0]
-
-    def predict_proba(self, X: Any) -> np.ndarray:
-        """Class probabilities, columns ordered as ``classes_``."""
-        p1 = 1.0 / (1.0 + np.exp(-self.decision_function(X)))
-        return np.column_stack([1.0 - p1, p1])
-
-    def predict(self, X: Any) -> np.ndarray:
-        """Predicted class labels."""
-        check_is_fitted(self, "coef_")
-        return self.classes_[(self.decision_function(X) > 0).astype(int)]

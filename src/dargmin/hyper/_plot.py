@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from dargmin.hyper._outer import Monitor
+from dargmin.hyper._optimizers import Monitor
 
 
 def plot_convergence(monitors: Mapping[str, Monitor], *, axes: Any = None, theta_index: int = 0):

@@ -24,120 +24,18 @@ off ``S`` (away from support changes), so implicit differentiation only needs th
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dargmin.hyper._datafits import Datafit, Logistic, Quadratic
+
 Array = Any
 PenaltyMap = Callable[[Array], Array]
-
-
-class Datafit:
-    """A smooth data-fitting term ``Σᵢ ℓ(zᵢ, yᵢ)`` of the predictions ``z = Xw``.
-
-    Subclasses implement :meth:`value` (JAX-traceable, a sum of per-sample terms, so that
-    the Hessian in ``z`` is diagonal) and :meth:`curvature_bound`; :meth:`grad` and
-    :meth:`hess_diag` default to JAX autodiff and may be overridden by closed forms.
-
-    Examples
-    --------
-    >>> import jax.numpy as jnp
-    >>> class Huber(Datafit):
-    ...     def value(self, z, y):
-    ...         r = jnp.abs(z - y)
-    ...         return jnp.mean(jnp.where(r < 1, 0.5 * r**2, r - 0.5))
-    ...     def curvature_bound(self, n):
-    ...         return 1.0 / n
-    >>> float(Huber().value(jnp.zeros(2), jnp.array([0.5, 3.0])))
-    1.3125
-    """
-
-    def value(self, z: Array, y: Array) -> Array:
-        """The data-fit value ``Σᵢ ℓ(zᵢ, yᵢ)`` (scalar)."""
-        raise NotImplementedError
-
-    def curvature_bound(self, n: int) -> float:
-        """An upper bound of ``ℓ''(zᵢ, yᵢ)`` over all ``z`` (for ``n`` samples)."""
-        raise NotImplementedError
-
-    def grad(self, z: Array, y: Array) -> Array:
-        """``∂ℓ/∂z`` (a vector of length ``n``)."""
-        return jax.grad(self.value)(z, y)
-
-    def hess_diag(self, z: Array, y: Array) -> Array:
-        """Diagonal of ``∂²ℓ/∂z²`` (the data fit is separable over samples)."""
-        # For a separable function the Hessian is diagonal, so one JVP of the gradient along
-        # the all-ones vector returns exactly its diagonal.
-        return jax.jvp(lambda zz: self.grad(zz, y), (z,), (jnp.ones_like(z),))[1]
-
-    def validate_target(self, y: np.ndarray) -> np.ndarray:
-        """Check (and possibly recode) the targets; return them as float64."""
-        return np.asarray(y, dtype=np.float64)
-
-
-@dataclass(frozen=True)
-class Quadratic(Datafit):
-    """Least squares with the scikit-learn scaling, ``ℓ = ‖y − z‖² / (2n)``.
-
-    With this convention ``alpha`` of :class:`sklearn.linear_model.Lasso` is ``λ``.
-
-    Examples
-    --------
-    >>> import jax.numpy as jnp
-    >>> float(Quadratic().value(jnp.array([1.0, 1.0]), jnp.array([0.0, 2.0])))
-    0.5
-    """
-
-    def value(self, z: Array, y: Array) -> Array:
-        return 0.5 * jnp.mean((y - z) ** 2)
-
-    def grad(self, z: Array, y: Array) -> Array:
-        return (z - y) / z.shape[0]
-
-    def hess_diag(self, z: Array, y: Array) -> Array:
-        return jnp.full_like(z, 1.0 / z.shape[0])
-
-    def curvature_bound(self, n: int) -> float:
-        return 1.0 / n
-
-
-@dataclass(frozen=True)
-class Logistic(Datafit):
-    """Mean logistic loss for labels in ``{-1, +1}``, ``ℓ = (1/n) Σ log(1 + e^{-yᵢ zᵢ})``.
-
-    Examples
-    --------
-    >>> import jax.numpy as jnp
-    >>> round(float(Logistic().value(jnp.zeros(2), jnp.array([1.0, -1.0]))), 6)  # log 2
-    0.693147
-    """
-
-    def value(self, z: Array, y: Array) -> Array:
-        return jnp.mean(jnp.logaddexp(0.0, -y * z))
-
-    def grad(self, z: Array, y: Array) -> Array:
-        return -y * jax.nn.sigmoid(-y * z) / z.shape[0]
-
-    def hess_diag(self, z: Array, y: Array) -> Array:
-        s = jax.nn.sigmoid(y * z)
-        return s * (1.0 - s) / z.shape[0]
-
-    def curvature_bound(self, n: int) -> float:
-        return 0.25 / n
-
-    def validate_target(self, y: np.ndarray) -> np.ndarray:
-        y = np.asarray(y, dtype=np.float64)
-        bad = ~np.isin(y, (-1.0, 1.0))
-        if np.any(bad):
-            raise ValueError(
-                f"The logistic data fit needs labels in {{-1, +1}}; found {int(bad.sum())} "
-                f"other value(s), e.g. {y[bad][0]!r}. Encode the two classes as -1 and +1."
-            )
-        return y
 
 
 def _check_finite(name: str, arr: np.ndarray) -> None:
@@ -149,8 +47,40 @@ def _check_finite(name: str, arr: np.ndarray) -> None:
         )
 
 
-@dataclass(frozen=True, eq=False)
-class HyperProblem:
+class Cache:
+    """An explicit, mutable store owned by an immutable object (created at construction).
+
+    Frozen problems and criteria keep derived quantities that are expensive and not always
+    needed (an SVD, a spectral norm, per-fold designs, warm starts) here, computed on
+    first use: the frozen object itself is never written after construction.
+
+    Examples
+    --------
+    >>> c = Cache()
+    >>> c.get("answer", lambda: 42), c.get("answer", lambda: 0)
+    (42, 42)
+    """
+
+    __slots__ = ("_store",)
+
+    def __init__(self) -> None:
+        self._store: dict[Any, Any] = {}
+
+    def get(self, key: Any, compute: Callable[[], Any]) -> Any:
+        """The value under ``key``, computed by ``compute()`` the first time."""
+        if key not in self._store:
+            self._store[key] = compute()
+        return self._store[key]
+
+    def set(self, key: Any, value: Any) -> None:
+        """Store ``value`` under ``key`` (e.g. a warm start)."""
+        self._store[key] = value
+
+    def __repr__(self) -> str:
+        return f"Cache({len(self._store)} entries)"
+
+
+class HyperProblem(eqx.Module):
     """A parametrized inner problem ``ŵ(θ) = argmin_w F(w, θ)`` on training data.
 
     .. math::
@@ -161,6 +91,11 @@ class HyperProblem:
     The intercept ``b`` (``fit_intercept=True``) is handled as scikit-learn does for least
     squares (centering ``X`` and ``y``; ``b = ȳ − x̄ᵀw``) and, for other data fits, as an
     extra unpenalized column of ones (the last coordinate of ``w``).
+
+    Immutable (an :class:`equinox.Module`): the derived arrays (``design``, ``target``,
+    offsets, column norms, the gradient scale) are computed at construction; quantities
+    needed by some solvers only (an SVD, the spectral norm) live in :attr:`cache`, a
+    :class:`Cache` created with the problem.
 
     Parameters
     ----------
@@ -192,22 +127,36 @@ class HyperProblem:
     y: np.ndarray
     datafit: Datafit
     n_hyper: int
-    l1: PenaltyMap | None = None
-    l2: PenaltyMap | None = None
-    fit_intercept: bool = True
-    name: str = "problem"
-    design: np.ndarray = field(init=False, repr=False)
-    target: np.ndarray = field(init=False, repr=False)
-    x_offset: np.ndarray = field(init=False, repr=False)
-    y_offset: float = field(init=False, repr=False)
-    _jit_cache: dict = field(init=False, repr=False)
+    l1: PenaltyMap | None
+    l2: PenaltyMap | None
+    fit_intercept: bool
+    name: str
+    design: np.ndarray = eqx.field(repr=False)
+    target: np.ndarray = eqx.field(repr=False)
+    x_offset: np.ndarray = eqx.field(repr=False)
+    y_offset: float = eqx.field(repr=False)
+    col_sq: np.ndarray = eqx.field(repr=False)
+    grad_scale: float = eqx.field(repr=False)
+    cache: Cache = eqx.field(repr=False, static=True)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "_jit_cache", {})
-        X = np.asarray(self.X, dtype=np.float64)
-        y = np.asarray(self.y, dtype=np.float64)
+    def __init__(
+        self,
+        X: Array,
+        y: Array,
+        datafit: Datafit,
+        n_hyper: int,
+        l1: PenaltyMap | None = None,
+        l2: PenaltyMap | None = None,
+        fit_intercept: bool = True,
+        name: str = "problem",
+    ) -> None:
+        X = np.asarray(X, dtype=np.float64)
+        y = np.asarray(y, dtype=np.float64)
         if X.ndim != 2:
-            raise ValueError(f"X must be a 2-D array (n_samples, n_features), got shape {X.shape}.")
+            raise ValueError(
+                f"X must be a 2-D array (n_samples, n_features), got shape {X.shape}; "
+                "reshape a single feature with X.reshape(-1, 1)."
+            )
         if y.ndim != 1 or y.shape[0] != X.shape[0]:
             raise ValueError(
                 f"y must be a 1-D array with one entry per row of X: X has shape {X.shape}, "
@@ -217,30 +166,37 @@ class HyperProblem:
             raise ValueError(f"Need at least 2 samples, got {X.shape[0]}.")
         _check_finite("X", X)
         _check_finite("y", y)
-        if self.l1 is None and self.l2 is None:
-            raise ValueError("A HyperProblem needs an l1 or an l2 penalty map (or both).")
-        if int(self.n_hyper) < 1:
-            raise ValueError(f"n_hyper must be >= 1, got {self.n_hyper}.")
-        y = self.datafit.validate_target(y)
-        object.__setattr__(self, "X", X)
-        object.__setattr__(self, "y", y)
+        if l1 is None and l2 is None:
+            raise ValueError(
+                "A HyperProblem needs an l1 or an l2 penalty map (or both), e.g. "
+                "l1=lambda t: jnp.exp(t[0])."
+            )
+        if int(n_hyper) < 1:
+            raise ValueError(f"n_hyper must be >= 1, got {n_hyper}.")
+        y = datafit.validate_target(y)
         n, p = X.shape
-        quadratic = isinstance(self.datafit, Quadratic)
-        if self.fit_intercept and quadratic:
+        quadratic = isinstance(datafit, Quadratic)
+        if fit_intercept and quadratic:
             # Centering is exact for least squares: the optimal intercept is ȳ − x̄ᵀw for any
             # w, so the reduced problem in w has the centered data and no intercept.
             x_off, y_off = X.mean(axis=0), float(y.mean())
             design, target = X - x_off, y - y_off
-        elif self.fit_intercept:
+        elif fit_intercept:
             x_off, y_off = np.zeros(p), 0.0
             design, target = np.hstack([X, np.ones((n, 1))]), y
         else:
             x_off, y_off = np.zeros(p), 0.0
             design, target = X, y
-        object.__setattr__(self, "design", np.ascontiguousarray(design))
-        object.__setattr__(self, "target", target)
-        object.__setattr__(self, "x_offset", x_off)
-        object.__setattr__(self, "y_offset", y_off)
+        self.X, self.y, self.datafit, self.n_hyper = X, y, datafit, int(n_hyper)
+        self.l1, self.l2, self.fit_intercept, self.name = l1, l2, bool(fit_intercept), name
+        self.design = np.ascontiguousarray(design)
+        self.target = target
+        self.x_offset, self.y_offset = x_off, y_off
+        self.col_sq = np.sum(self.design**2, axis=0)
+        g0 = self.design.T @ np.asarray(datafit.grad(jnp.zeros(n), jnp.asarray(target)))
+        # Scale of the relative KKT violation: ‖∇f(0)‖∞ (guarded for an all-zero problem).
+        self.grad_scale = max(float(np.max(np.abs(g0))), 1e-300)
+        self.cache = Cache()
 
     # ------------------------------------------------------------------ structure
     @property
@@ -362,9 +318,13 @@ class HyperProblem:
 
     def subset(self, rows: np.ndarray) -> HyperProblem:
         """The same problem on the training rows ``rows`` (used by cross-validation)."""
+        return self.with_data(self.X[rows], self.y[rows])
+
+    def with_data(self, X: Array, y: Array) -> HyperProblem:
+        """The same model (data fit, penalties, intercept) on other data ``(X, y)``."""
         return HyperProblem(
-            self.X[rows],
-            self.y[rows],
+            X,
+            y,
             self.datafit,
             self.n_hyper,
             l1=self.l1,
@@ -372,6 +332,39 @@ class HyperProblem:
             fit_intercept=self.fit_intercept,
             name=self.name,
         )
+
+    def null_model_reason(self) -> str | None:
+        """Why every penalty gives the null model ``ŵ = 0`` (``None`` when it does not).
+
+        The ℓ1 path is entirely zero when ``α_max = ‖Xᵀ∇ℓ(0)‖∞`` vanishes (up to rounding):
+        for a zero or constant ``y`` (with an intercept) or an all-zero (or, with an
+        intercept, all-constant) ``X``; then there is nothing to select.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> lasso(np.random.default_rng(0).normal(size=(5, 2)), np.full(5, 3.0)).null_model_reason()
+        'y is constant (the intercept fits it exactly)'
+        """
+        if not np.any(self.design[:, : self.n_features]):
+            return (
+                "X is all zero"
+                if not np.any(self.X)
+                else "every column of X is constant (centering by the intercept zeroes it)"
+            )
+        n = self.n_samples
+        # Largest possible |Xⱼᵀ∇ℓ(0)| for these column norms and targets: a relative scale
+        # below which α_max is rounding noise.
+        ref = float(np.sqrt(np.max(self.col_sq)) * np.linalg.norm(self.y)) / n
+        if isinstance(self.datafit, Quadratic) and self.alpha_max() <= 1e-10 * ref:
+            if not np.any(self.y):
+                return "y is all zero"
+            if self.fit_intercept and np.ptp(self.y) <= 1e-12 * np.max(np.abs(self.y)):
+                return "y is constant (the intercept fits it exactly)"
+            return "y is orthogonal to every column of X (α_max = 0)"
+        if not np.any(self.y) and isinstance(self.datafit, Quadratic):
+            return "y is all zero"
+        return None
 
 
 def _vec(t: Array, fn: PenaltyMap | None, p: int, augmented: bool) -> Array:
