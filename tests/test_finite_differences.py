@@ -8,7 +8,7 @@ from scipy.differentiate import derivative as scipy_derivative
 
 from dargmin.finite_differences import (
     GradientCheckReport,
-    check_grads,
+    check_gradients,
     directional_derivative_fd,
     finite_difference_derivative,
     gradient_fd,
@@ -239,12 +239,12 @@ def test_hvp_fd_forward_and_central_against_autodiff() -> None:
 
 
 def test_check_grads_passes_on_correct_gradient() -> None:
-    report = check_grads(seed_function, SEED_POINT)
+    report = check_gradients(seed_function, SEED_POINT)
     assert isinstance(report, GradientCheckReport)
     assert report.passed
     assert report.max_rel_error < 1e-9
     assert "PASSED" in str(report)
-    pytree_report = check_grads(
+    pytree_report = check_gradients(
         lambda p: {"y": jnp.sin(p["u"]) * p["v"]}, {"u": jnp.ones(2), "v": jnp.array(2.0)}
     )
     assert pytree_report.passed
@@ -264,8 +264,18 @@ def test_check_grads_catches_wrong_custom_jvp() -> None:
 
     x = jnp.array([1.0, -2.0, 0.5])
     with pytest.raises(AssertionError, match="FAILED"):
-        check_grads(wrong_square, x)
-    report = check_grads(wrong_square, x, raise_on_failure=False)
+        check_gradients(wrong_square, x)
+    report = check_gradients(wrong_square, x, raise_on_failure=False)
     assert not report.passed
     np.testing.assert_allclose(report.max_rel_error, 0.05, rtol=1e-6)
     assert "NO" in str(report)
+
+
+def test_old_name_check_grads_warns_and_gives_the_same_report() -> None:
+    import dargmin
+
+    with pytest.warns(DeprecationWarning, match="check_gradients"):
+        old = dargmin.check_grads(seed_function, SEED_POINT)
+    new = check_gradients(seed_function, SEED_POINT)
+    assert old.passed and new.passed
+    assert old.max_abs_error == new.max_abs_error

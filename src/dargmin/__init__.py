@@ -14,6 +14,7 @@
   differences and a gradient checker).
 """
 
+from dargmin import linear_solvers
 from dargmin.curvature import (
     EigenEstimate,
     hutch_plus_plus_trace,
@@ -29,20 +30,21 @@ from dargmin.derivatives import (
     jvp_from_vjps,
     rayleigh_quotient,
     solve_cg,
-    solve_cg_with_info,
 )
 from dargmin.diagnostics import (
+    Check,
     DargminError,
     DargminWarning,
     NonStationaryPointError,
     OptimumReport,
     SingularSystemError,
     check_optimum,
+    failure_reason,
 )
 from dargmin.finite_differences import (
     GradientCheckReport,
     LeafError,
-    check_grads,
+    check_gradients,
     directional_derivative_fd,
     finite_difference_derivative,
     gradient_fd,
@@ -58,7 +60,6 @@ from dargmin.implicit import (
     implicit_solution,
     root,
 )
-from dargmin.linear_solvers import make_linear_solver
 from dargmin.sensitivity import (
     approximate_cv_error,
     approximate_leave_one_out,
@@ -72,18 +73,30 @@ from dargmin.taylor import AccuracyReport, TaylorExpansion, taylor_expand
 __version__ = "0.1.0"
 
 
+# Old names, kept for one release: each warns and points to its replacement.
+_DEPRECATED = {
+    "check_grads": ("dargmin.finite_differences", "check_grads"),
+    "solve_cg_with_info": ("dargmin.derivatives", "solve_cg_with_info"),
+    "make_linear_solver": ("dargmin.linear_solvers", "make_linear_solver"),
+}
+
+
 def __getattr__(name: str):
+    import importlib
+
     # ``dargmin.hyper`` pulls in scikit-learn and tqdm: load it on first use only.
     if name == "hyper":
-        import importlib
-
         return importlib.import_module("dargmin.hyper")
+    if name in _DEPRECATED:
+        module, attribute = _DEPRECATED[name]
+        return getattr(importlib.import_module(module), attribute)  # warns when called
     raise AttributeError(f"module 'dargmin' has no attribute {name!r}")
 
 
 __all__ = [
     "AccuracyReport",
     "CGSolution",
+    "Check",
     "DargminError",
     "DargminWarning",
     "EigenEstimate",
@@ -97,9 +110,10 @@ __all__ = [
     "approximate_cv_error",
     "approximate_leave_one_out",
     "argmin",
-    "check_grads",
+    "check_gradients",
     "check_optimum",
     "directional_derivative_fd",
+    "failure_reason",
     "finite_difference_derivative",
     "fixed_point",
     "gauss_newton_vector_product",
@@ -119,11 +133,10 @@ __all__ = [
     "jacobian_fd",
     "jvp_from_vjps",
     "lanczos_extreme_eigenvalues",
-    "make_linear_solver",
+    "linear_solvers",
     "rayleigh_quotient",
     "root",
     "solve_cg",
-    "solve_cg_with_info",
     "spectrum_dense",
     "taylor_expand",
 ]

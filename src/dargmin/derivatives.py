@@ -9,6 +9,7 @@ Rayleigh quotients and conjugate gradients on pytrees.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
@@ -28,7 +29,6 @@ __all__ = [
     "jvp_from_vjps",
     "rayleigh_quotient",
     "solve_cg",
-    "solve_cg_with_info",
 ]
 
 PyTree = Any
@@ -239,7 +239,7 @@ def rayleigh_quotient(matvec: Callable[[PyTree], PyTree], v: PyTree) -> jax.Arra
 
 
 class CGSolution(NamedTuple):
-    """Result of :func:`solve_cg_with_info`.
+    """Result of :func:`solve_cg` with ``throw=False``.
 
     Attributes
     ----------
@@ -272,24 +272,26 @@ def solve_cg_with_info(
     max_steps: int | None = None,
     x0: PyTree | None = None,
 ) -> CGSolution:
-    r"""Conjugate gradients for :math:`A x = b`, returning a convergence flag instead of raising.
+    """Deprecated: use ``solve_cg(..., throw=False)``, which returns the same
+    :class:`CGSolution` (one function with lineax's ``throw`` flag instead of two)."""
+    warnings.warn(
+        "solve_cg_with_info is deprecated and will be removed in dargmin 0.3; use "
+        "solve_cg(matvec, b, throw=False), which returns the same CGSolution.",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return _solve_cg_flagged(matvec, b, rtol=rtol, atol=atol, max_steps=max_steps, x0=x0)
 
-    Same algorithm and arguments as :func:`solve_cg`; use this variant inside loops where
-    non-convergence should be handled rather than turned into an error.
 
-    Returns
-    -------
-    CGSolution
-        ``(value, converged, num_steps)``.
-
-    Examples
-    --------
-    >>> import jax.numpy as jnp
-    >>> A = jnp.array([[4.0, 1.0], [1.0, 3.0]])
-    >>> solution = solve_cg_with_info(lambda x: A @ x, jnp.array([1.0, 2.0]))
-    >>> bool(solution.converged)
-    True
-    """
+def _solve_cg_flagged(
+    matvec: Callable[[PyTree], PyTree],
+    b: PyTree,
+    *,
+    rtol: float | None,
+    atol: float,
+    max_steps: int | None,
+    x0: PyTree | None,
+) -> CGSolution:
     if rtol is None:
         rtol = _default_rtol(b)
     operator = lx.FunctionLinearOperator(
@@ -312,7 +314,8 @@ def solve_cg(
     atol: float = 0.0,
     max_steps: int | None = None,
     x0: PyTree | None = None,
-) -> PyTree:
+    throw: bool = True,
+) -> PyTree | CGSolution:
     r"""Solve :math:`A x = b` for symmetric positive definite :math:`A` given as a matvec.
 
     Runs ``lineax.CG`` on a ``lineax.FunctionLinearOperator`` tagged symmetric and positive
@@ -337,17 +340,22 @@ def solve_cg(
         Iteration cap; ``None`` lets ``lineax`` use ``10 * dim(b)``.
     x0
         Initial guess (structure of ``b``); zeros when ``None``.
+    throw
+        ``True`` (default): return the solution and raise if CG did not converge.
+        ``False``: return a :class:`CGSolution` ``(value, converged, num_steps)`` instead
+        of raising, for loops where non-convergence is handled by the caller.
 
     Returns
     -------
-    PyTree
-        The solution :math:`x`, structure of ``b``.
+    PyTree or CGSolution
+        The solution :math:`x` (structure of ``b``), or a :class:`CGSolution` with
+        ``throw=False``.
 
     Raises
     ------
     equinox.EquinoxRuntimeError
-        When the tolerance is not met within ``max_steps`` (also under ``jax.jit``). The
-        message says what to change. Use :func:`solve_cg_with_info` to get a flag instead.
+        With ``throw=True``, when the tolerance is not met within ``max_steps`` (also under
+        ``jax.jit``). The message says what to change.
 
     Examples
     --------
@@ -356,8 +364,12 @@ def solve_cg(
     >>> x = solve_cg(lambda x: A @ x, jnp.array([1.0, 2.0]))
     >>> bool(jnp.allclose(A @ x, jnp.array([1.0, 2.0]), atol=1e-5))
     True
+    >>> bool(solve_cg(lambda x: A @ x, jnp.array([1.0, 2.0]), throw=False).converged)
+    True
     """
-    solution = solve_cg_with_info(matvec, b, rtol=rtol, atol=atol, max_steps=max_steps, x0=x0)
+    solution = _solve_cg_flagged(matvec, b, rtol=rtol, atol=atol, max_steps=max_steps, x0=x0)
+    if not throw:
+        return solution
     return eqx.error_if(
         solution.value,
         jnp.logical_not(solution.converged),

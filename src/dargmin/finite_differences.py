@@ -35,7 +35,7 @@ from jax.flatten_util import ravel_pytree
 __all__ = [
     "GradientCheckReport",
     "LeafError",
-    "check_grads",
+    "check_gradients",
     "directional_derivative_fd",
     "finite_difference_derivative",
     "gradient_fd",
@@ -554,7 +554,7 @@ class LeafError:
 
 @dataclasses.dataclass(frozen=True)
 class GradientCheckReport:
-    r"""Comparison of automatic and finite-difference derivatives (see :func:`check_grads`).
+    r"""Comparison of automatic and finite-difference derivatives (see :func:`check_gradients`).
 
     Attributes
     ----------
@@ -613,7 +613,7 @@ _DEFAULT_RTOL = {
 }
 
 
-def check_grads(
+def check_gradients(
     f: Callable[[PyTree], PyTree],
     x: PyTree,
     *,
@@ -660,7 +660,7 @@ def check_grads(
     Examples
     --------
     >>> import jax.numpy as jnp
-    >>> report = check_grads(lambda x: jnp.sum(jnp.sin(x)), jnp.array([0.1, 0.2]))
+    >>> report = check_gradients(lambda x: jnp.sum(jnp.sin(x)), jnp.array([0.1, 0.2]))
     >>> report.passed
     True
     """
@@ -710,3 +710,20 @@ def check_grads(
     if raise_on_failure and not report.passed:
         raise AssertionError(str(report))
     return report
+
+
+def check_grads(*args: Any, **kwargs: Any) -> GradientCheckReport:
+    """Deprecated alias of :func:`check_gradients`.
+
+    Renamed because ``jax.test_util.check_grads`` has the same name and other behaviour
+    (it checks to a given order and raises, returning nothing)."""
+    import warnings
+
+    warnings.warn(
+        "dargmin.check_grads is deprecated and will be removed in dargmin 0.3; use "
+        "dargmin.check_gradients (same arguments). The name clashed with "
+        "jax.test_util.check_grads, which behaves differently.",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return check_gradients(*args, **kwargs)

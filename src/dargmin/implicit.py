@@ -26,21 +26,31 @@ The decorators below make any such solver differentiable in ``params``:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
+import warnings
+import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import lineax as lx
-import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from dargmin import diagnostics
-from dargmin.linear_solvers import make_linear_solver, needs_spd_tags, needs_symmetric_tag
+from dargmin.diagnostics import Check, CheckMode
+from dargmin.linear_solvers import (
+    Auto,
+    LinearSolver,
+    as_linear_solver,
+    factorize,
+    operator_tags,
+)
 
-CheckMode = Literal["raise", "warn", "ignore"]
 PyTree = Any
 
 
@@ -51,26 +61,19 @@ class ImplicitConfig:
     Attributes
     ----------
     linear_solver
-        Name understood by :func:`dargmin.linear_solvers.make_linear_solver` or a lineax
-        solver instance.
+        A strategy from :mod:`dargmin.linear_solvers` (``Cholesky()``, ``CG(rtol=1e-10)``,
+        ``Auto(dense_max_size=500)``, ...), its registry name (``"auto"``, ``"cg"``, ...)
+        or a lineax solver instance.
     symmetric
         Whether ``∂ₓg`` is symmetric (true for ``argmin``: it is a Hessian).
     positive_definite
-        Whether ``∂ₓg`` is expected to be positive definite (true for ``argmin``: at a strict
-        minimum the Hessian is positive definite).
+        Whether ``∂ₓg`` must be positive definite (true for ``argmin``: at a strict minimum
+        the Hessian is positive definite). Declared, never inferred from the solver: the
+        check certifies it (see :func:`dargmin.diagnostics.measure`).
     check
-        ``"raise"`` (default), ``"warn"`` or ``"ignore"``: what to do when the solution is not
-        stationary, the system is singular or the linear solve fails.
-    tol
-        Largest accepted Newton step ``‖(∂ₓg)⁻¹ g‖ / max(1, ‖x‖)`` at the solution (default
-        ``1e-4`` in float64, ``1e-2`` in float32). The Newton step estimates the distance from
-        ``x`` to the true root and so the error the IFT inherits.
-    max_condition
-        Largest accepted estimate of the condition number of ``∂ₓg`` (default ``0.01 / eps``).
-    solve_rtol, solve_atol
-        Tolerances of iterative linear solvers (defaults ``0.1·sqrt(eps)``, i.e. 1.5e-9 in
-        float64, and ``1e-3 · solve_rtol``); Krylov solvers stop on the 2-norm of the
-        residual.
+        A :class:`dargmin.diagnostics.Check` (mode, tolerance, largest condition number).
+    kind
+        ``"root"``, ``"argmin"`` or ``"fixed_point"``: names the problem in messages.
 
     Examples
     --------
@@ -78,19 +81,23 @@ class ImplicitConfig:
     True
     """
 
-    linear_solver: str | lx.AbstractLinearSolver = "auto"
+    linear_solver: LinearSolver = field(default_factory=Auto)
     symmetric: bool = False
     positive_definite: bool = False
-    check: CheckMode = "raise"
-    tol: float | None = None
-    max_condition: float | None = None
-    solve_rtol: float | None = None
-    solve_atol: float | None = None
+    check: diagnostics.Check = field(default_factory=diagnostics.Check)
     kind: str = "root"
 
     def __post_init__(self) -> None:
-        if self.check not in ("raise", "warn", "ignore"):
-            raise ValueError(f"check must be 'raise', 'warn' or 'ignore', got {self.check!r}.")
+        object.__setattr__(self, "linear_solver", as_linear_solver(self.linear_solver))
+        if not isinstance(self.check, diagnostics.Check):
+            object.__setattr__(self, "check", diagnostics.Check.of(self.check))
+        # Refuse a strategy whose needs the system lacks now, not at the first derivative.
+        operator_tags(
+            self.linear_solver,
+            symmetric=self.symmetric,
+            positive_definite=self.positive_definite,
+            problem=f"{self.kind} problem",
+        )
 
     @classmethod
     def for_argmin(cls, **options: Any) -> ImplicitConfig:
@@ -108,109 +115,6 @@ def _result_dtype(tree: PyTree) -> jnp.dtype:
     return jnp.result_type(*leaves) if leaves else jnp.dtype(jnp.float32)
 
 
-def _operator_tags(cfg: ImplicitConfig, solver: lx.AbstractLinearSolver) -> tuple:
-    if cfg.symmetric:
-        if cfg.positive_definite or needs_spd_tags(solver):
-            return (lx.symmetric_tag, lx.positive_semidefinite_tag)
-        return (lx.symmetric_tag,)
-    if needs_symmetric_tag(solver):
-        raise ValueError(
-            f"linear_solver={cfg.linear_solver!r} needs a symmetric (for 'cholesky'/'cg': "
-            "positive-definite) system, "
-            f"but this {cfg.kind} problem has a general Jacobian. Use 'lu', 'gmres' or "
-            "'bicgstab', or use dargmin.argmin when the system is a Hessian."
-        )
-    return ()
-
-
-def _is_dense(solver: lx.AbstractLinearSolver) -> bool:
-    return isinstance(solver, lx.Cholesky | lx.LU | lx.QR | lx.SVD)
-
-
-def _solver_for(
-    x: PyTree, cfg: ImplicitConfig, *, rtol: float | None = None
-) -> lx.AbstractLinearSolver:
-    eps = float(jnp.finfo(_result_dtype(x)).eps)
-    if rtol is None:
-        rtol = cfg.solve_rtol if cfg.solve_rtol is not None else 0.1 * eps**0.5
-    return make_linear_solver(
-        cfg.linear_solver,
-        size=_flat_size(x),
-        symmetric_positive_definite=cfg.symmetric and cfg.positive_definite,
-        rtol=rtol,
-        # An absolute floor: batched (vmapped, e.g. jacrev) Krylov solves iterate until every
-        # member converges, and a member whose residual sits at rounding level never meets
-        # a purely relative test (seen as "max steps reached" with atol = 0).
-        atol=cfg.solve_atol if cfg.solve_atol is not None else 1e-3 * rtol,
-    )
-
-
-def _check_solution(
-    residual: PyTree,
-    x: PyTree,
-    solve_flat: Callable[[jax.Array], tuple[jax.Array, jax.Array]],
-    matrix: jax.Array | None,
-    cfg: ImplicitConfig,
-) -> jax.Array:
-    """Measure stationarity and conditioning at ``x`` and report through a host callback.
-
-    ``solve_flat(b)`` solves the system for a flat right-hand side and returns the solution
-    and a failure flag; ``matrix`` is the dense system matrix when one was built. The host
-    callback is what lets the error carry the measured numbers under ``jax.jit`` and
-    ``jax.vmap`` (``equinox.error_if`` only takes static text). Returns a zero scalar that
-    the caller must make the derivative depend on, so the check is never dead code.
-    """
-    flat_x, _ = ravel_pytree(x)
-    flat_r, _ = ravel_pytree(residual)
-    newton_flat, failed = solve_flat(flat_r)
-    # A failed (e.g. early-stopped Krylov) solve returns a finite but wrong vector: mark it
-    # non-finite so the report names the failure instead of trusting the step.
-    newton_flat = jnp.where(failed, jnp.nan, newton_flat)
-    if matrix is not None:
-        # A fixed pseudo-random probe b: ‖A b‖‖A⁻¹ b‖/‖b‖² is a lower bound of cond(A), so
-        # it never raises a false alarm, and bᵀA⁻¹b < 0 proves A is not positive definite.
-        probe = jax.random.normal(jax.random.key(0), flat_x.shape, dtype=flat_x.dtype)
-        probe_sol, _ = solve_flat(probe)
-        condition = jnp.linalg.norm(matrix @ probe) * jnp.linalg.norm(probe_sol) / jnp.sum(probe**2)
-        if cfg.positive_definite:
-            # A minimum is declared: certify it. The smallest eigenvalue of the (symmetrized)
-            # dense Hessian cannot miss a negative direction, unlike a random probe; the
-            # dense path is only chosen for a few hundred unknowns, where this is cheap.
-            curvature = jnp.linalg.eigvalsh(0.5 * (matrix + matrix.T))[0]
-        else:
-            curvature = jnp.vdot(probe, probe_sol)
-    else:
-        condition = jnp.asarray(jnp.nan, flat_x.dtype)
-        curvature = jnp.asarray(jnp.nan, flat_x.dtype)
-    eps = float(jnp.finfo(flat_x.dtype).eps)
-    tol = cfg.tol if cfg.tol is not None else (1e-4 if eps < 1e-10 else 1e-2)
-    max_condition = cfg.max_condition if cfg.max_condition is not None else 1e-2 / eps
-    measurements = (
-        jnp.linalg.norm(flat_r),
-        jnp.linalg.norm(flat_x),
-        jnp.linalg.norm(newton_flat),
-        condition,
-        curvature,
-    )
-    report = functools.partial(
-        diagnostics.report_implicit_check,
-        kind=cfg.kind,
-        mode=cfg.check,
-        tol=tol,
-        max_condition=max_condition,
-        expect_positive_definite=cfg.positive_definite,
-        dtype=np.dtype(flat_x.dtype),
-    )
-    # pure_callback rather than jax.debug.callback: its result is used, so it cannot be
-    # dropped, and it carries no ordering effect into the compiled derivative.
-    return jax.pure_callback(
-        report,
-        jax.ShapeDtypeStruct((), flat_x.dtype),
-        *measurements,
-        vmap_method="expand_dims",
-    )
-
-
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
 def _implicit_solution(g: Callable[..., PyTree], cfg: ImplicitConfig, x_star: PyTree, args: tuple):
     # The primal is the solver's output, unchanged; only the derivative rule is special.
@@ -224,52 +128,56 @@ def _implicit_solution_jvp(g, cfg, primals, tangents):
     # Re-entry: under an outer differentiation this ``x`` carries its own (implicit) tangent,
     # which is what makes second and higher derivatives of the solution map exact.
     x = _implicit_solution(g, cfg, x_star, args)
-    solver = _solver_for(x, cfg)
-    tags = _operator_tags(cfg, solver)
-    jacobian_op = lx.JacobianLinearOperator(lambda xx, a: g(xx, *a), x, args, tags=tags)
-    unravel = ravel_pytree(x)[1]
-    # Dense solvers: build the matrix once (n Jacobian-vector products) and share it between
-    # the check and the solve. Matrix-free solvers never build it.
-    matrix = jacobian_op.as_matrix() if _is_dense(solver) else None
-    if cfg.check != "ignore":
+    size = _flat_size(x)
+    strategy = cfg.linear_solver.resolve(
+        size, symmetric=cfg.symmetric, positive_definite=cfg.positive_definite
+    )
+    tags = operator_tags(strategy, symmetric=cfg.symmetric, positive_definite=cfg.positive_definite)
+    operator = lx.JacobianLinearOperator(lambda xx, a: g(xx, *a), x, args, tags=tags)
+    if strategy.dense:
+        # Build the matrix once (n Jacobian-vector products) and factorize it once: the
+        # check's Newton step, its condition estimate and the derivative solves (one per
+        # tangent, or per cotangent in reverse mode) all reuse the factors.
+        operator = lx.MatrixLinearOperator(operator.as_matrix(), tags)
+    failure_mode = "warn" if cfg.check.mode == "warn" else "raise"
+    system = factorize(
+        operator,
+        strategy,
+        context=cfg.kind,
+        mode=failure_mode,
+        max_condition=cfg.check.tolerances(_result_dtype(x))[1],
+    )
+    rhs = jax.tree_util.tree_map(jnp.negative, jax.jvp(lambda a: g(x, *a), (args,), (args_dot,))[1])
+    if strategy.dense:
+        rhs = ravel_pytree(rhs)[0]
+    if cfg.check.mode != "ignore":
         frozen = jax.lax.stop_gradient  # the check is measured, never differentiated
-        # The check only needs the size of the Newton step, to a digit: a Krylov solve to
-        # rtol=0.1 costs a few iterations instead of a full solve.
-        check_solver = solver if matrix is not None else _solver_for(x, cfg, rtol=0.1)
-        if matrix is not None:
-            check_op = lx.MatrixLinearOperator(frozen(matrix), tags)
-        else:
-            check_op = lx.JacobianLinearOperator(
-                lambda xx, a: g(xx, *a), frozen(x), frozen(args), tags=tags
-            )
-
-        def solve_flat(b):
-            vector = b if matrix is not None else unravel(b)
-            sol = lx.linear_solve(check_op, vector, check_solver, throw=False)
-            return ravel_pytree(sol.value)[0], sol.result != lx.RESULTS.successful
-
-        frozen_matrix = frozen(matrix) if matrix is not None else None
-        verified = _check_solution(frozen(g(x, *args)), frozen(x), solve_flat, frozen_matrix, cfg)
-        # Scaling by (1 + 0) makes the solve depend on the check, so the check runs (and names
-        # the problem) before lineax can fail on a singular matrix.
-        if matrix is not None:
-            matrix = matrix * (1 + verified)
-        else:
-            jacobian_op = lx.JacobianLinearOperator(
-                lambda xx, a: jax.tree_util.tree_map(lambda l: l * (1 + verified), g(xx, *a)),
-                x,
-                args,
-                tags=tags,
-            )
-    _, g_dot = jax.jvp(lambda a: g(x, *a), (args,), (args_dot,))
-    rhs = jax.tree_util.tree_map(jnp.negative, g_dot)
-    if matrix is not None:
-        flat_dot = lx.linear_solve(
-            lx.MatrixLinearOperator(matrix, tags), ravel_pytree(rhs)[0], solver
-        ).value
-        x_dot = unravel(flat_dot)
-    else:
-        x_dot = lx.linear_solve(jacobian_op, rhs, solver).value
+        frozen_x = frozen(x)
+        frozen_system = jax.tree_util.tree_map(
+            lambda leaf: frozen(leaf) if eqx.is_array(leaf) else leaf, system
+        )
+        newton_system = diagnostics.newton_system_for(frozen_system, strategy, context=cfg.kind)
+        measurements = diagnostics.measure(
+            frozen(g(x, *args)),
+            frozen_x,
+            frozen_system,
+            strategy,
+            positive_definite=cfg.positive_definite,
+            newton_system=newton_system,
+        )
+        verified = diagnostics.report(
+            measurements,
+            cfg.check,
+            kind=cfg.kind,
+            positive_definite=cfg.positive_definite,
+            dtype=_result_dtype(x),
+        )
+        # Scaling the right-hand side by (1 + 0) makes the solve depend on the check, so the
+        # check runs (and names the problem) before the solve can fail on a singular matrix.
+        rhs = jax.tree_util.tree_map(lambda leaf: leaf * (1 + verified).astype(leaf.dtype), rhs)
+    x_dot = system.solve(rhs)
+    if strategy.dense:
+        x_dot = ravel_pytree(x)[1](x_dot)
     return x, x_dot
 
 
@@ -315,11 +223,57 @@ def implicit_solution(
         raise
 
 
-# Compiled once per (optimality function, configuration, shapes): without this, eager
-# callers (``jax.grad(solve)(theta)`` outside ``jit``) pay lineax's tracing on every call
-# (~1 s); inside a user's ``jit`` this inner ``jit`` is simply inlined.
-@functools.partial(jax.jit, static_argnums=(0, 1))
+class _WeakCallable:
+    """Call a function through a weak reference.
+
+    The compiled derivative rules below are cached per optimality function. JAX's caches
+    (``jax.jit``'s, ``jax.closure_convert``'s) hold the functions they see strongly and
+    forever; handing them this wrapper instead means that a solver the user drops — with
+    its objective, the data it closes over and its compiled code — can be freed. (Keyed on
+    the function itself, each decorated solver kept ~7 MB alive for the process's life.)
+    """
+
+    __slots__ = ("__weakref__", "_ref")
+
+    def __init__(self, fn: Callable[..., PyTree]) -> None:
+        self._ref = weakref.WeakMethod(fn) if inspect.ismethod(fn) else weakref.ref(fn)
+
+    def __call__(self, *args: Any) -> PyTree:
+        fn = self._ref()
+        if fn is None:  # only reachable if JAX re-traces after the user dropped the function
+            raise RuntimeError("dargmin: the optimality function was garbage-collected.")
+        return fn(*args)
+
+
+# One compiled rule per live optimality function (per bound method: per instance and
+# method), released with it. Without compilation, eager callers (``jax.grad(solve)(θ)``
+# outside ``jit``) pay lineax's tracing on every call (~1 s); inside a user's ``jit`` the
+# inner ``jit`` is simply inlined.
+_RULES: weakref.WeakKeyDictionary[Any, dict[Any, Callable[..., PyTree]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def _attach_implicit_derivatives(
+    optimality_fn: Callable[..., PyTree], cfg: ImplicitConfig, x_star: PyTree, params: tuple
+) -> PyTree:
+    owner, key = (
+        (optimality_fn.__self__, optimality_fn.__func__)
+        if inspect.ismethod(optimality_fn)
+        else (optimality_fn, None)
+    )
+    try:
+        rules = _RULES.setdefault(owner, {})
+    except TypeError:  # not weak-referenceable: cache on identity, kept for the process
+        return _attach_static(optimality_fn, cfg, x_star, params)
+    rule = rules.get(key)
+    if rule is None:
+        rule = jax.jit(functools.partial(_attach, _WeakCallable(optimality_fn)), static_argnums=0)
+        rules[key] = rule
+    return rule(cfg, x_star, params)
+
+
+def _attach(
     optimality_fn: Callable[..., PyTree], cfg: ImplicitConfig, x_star: PyTree, params: tuple
 ) -> PyTree:
     # Hoist arrays that g closes over (tracers of an outer transformation) into explicit
@@ -331,6 +285,9 @@ def _attach_implicit_derivatives(
         return g_converted(x, *all_args[:n_params], *all_args[n_params:])
 
     return _implicit_solution(g_flat, cfg, x_star, (*params, *hoisted))
+
+
+_attach_static = jax.jit(_attach, static_argnums=(0, 1))
 
 
 def _validate_shapes(
@@ -386,6 +343,42 @@ def _validate_solver_output(
         )
 
 
+def _config(
+    kind: str,
+    linear_solver: str | LinearSolver | lx.AbstractLinearSolver,
+    *,
+    symmetric: bool,
+    positive_definite: bool,
+    check: CheckMode | Check,
+    tol: float | None,
+    max_condition: float | None,
+    solve_rtol: float | None,
+    solve_atol: float | None,
+) -> ImplicitConfig:
+    strategy = as_linear_solver(linear_solver)
+    if solve_rtol is not None or solve_atol is not None:
+        warnings.warn(
+            "solve_rtol/solve_atol are deprecated and will be removed in dargmin 0.3: give "
+            "the tolerances to the strategy, e.g. linear_solver=dargmin.linear_solvers."
+            "CG(rtol=1e-10, atol=1e-14) or Auto(rtol=...).",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        if hasattr(strategy, "rtol"):
+            strategy = dataclasses.replace(
+                strategy,
+                rtol=solve_rtol if solve_rtol is not None else strategy.rtol,
+                atol=solve_atol if solve_atol is not None else strategy.atol,
+            )
+    return ImplicitConfig(
+        linear_solver=strategy,
+        symmetric=symmetric,
+        positive_definite=positive_definite,
+        check=Check.of(check, tol=tol, max_condition=max_condition),
+        kind=kind,
+    )
+
+
 def _decorate(optimality_for: Callable[[], Callable[..., PyTree]], cfg: ImplicitConfig):
     def decorator(solver: Callable[..., PyTree]) -> Callable[..., PyTree]:
         optimality_fn = optimality_for()
@@ -406,9 +399,9 @@ def _decorate(optimality_for: Callable[[], Callable[..., PyTree]], cfg: Implicit
 def root(
     optimality_fn: Callable[..., PyTree],
     *,
-    linear_solver: str | lx.AbstractLinearSolver = "auto",
+    linear_solver: str | LinearSolver | lx.AbstractLinearSolver = "auto",
     symmetric: bool = False,
-    check: CheckMode = "raise",
+    check: CheckMode | Check = "raise",
     tol: float | None = None,
     max_condition: float | None = None,
     solve_rtol: float | None = None,
@@ -447,15 +440,16 @@ def root(
     >>> float(jax.grad(sqrt_solver, argnums=1)(1.0, 4.0))   # 1 / (2 sqrt(4))
     0.25
     """
-    cfg = ImplicitConfig(
-        linear_solver=linear_solver,
+    cfg = _config(
+        "root",
+        linear_solver,
         symmetric=symmetric,
+        positive_definite=False,
         check=check,
         tol=tol,
         max_condition=max_condition,
         solve_rtol=solve_rtol,
         solve_atol=solve_atol,
-        kind="root",
     )
     return _decorate(lambda: optimality_fn, cfg)
 
@@ -463,8 +457,8 @@ def root(
 def argmin(
     objective: Callable[..., jax.Array],
     *,
-    linear_solver: str | lx.AbstractLinearSolver = "auto",
-    check: CheckMode = "raise",
+    linear_solver: str | LinearSolver | lx.AbstractLinearSolver = "auto",
+    check: CheckMode | Check = "raise",
     tol: float | None = None,
     max_condition: float | None = None,
     solve_rtol: float | None = None,
@@ -498,8 +492,9 @@ def argmin(
     >>> round(float(jax.grad(lambda l: ridge_solver(None, l).sum())(1.0)), 6)  # -3/(1+l)^2
     -0.75
     """
-    cfg = ImplicitConfig(
-        linear_solver=linear_solver,
+    cfg = _config(
+        "argmin",
+        linear_solver,
         symmetric=True,
         positive_definite=True,
         check=check,
@@ -507,7 +502,6 @@ def argmin(
         max_condition=max_condition,
         solve_rtol=solve_rtol,
         solve_atol=solve_atol,
-        kind="argmin",
     )
     return _decorate(lambda: gradient_optimality(objective), cfg)
 
@@ -515,8 +509,8 @@ def argmin(
 def fixed_point(
     fixed_point_fn: Callable[..., PyTree],
     *,
-    linear_solver: str | lx.AbstractLinearSolver = "auto",
-    check: CheckMode = "raise",
+    linear_solver: str | LinearSolver | lx.AbstractLinearSolver = "auto",
+    check: CheckMode | Check = "raise",
     tol: float | None = None,
     max_condition: float | None = None,
     solve_rtol: float | None = None,
@@ -539,14 +533,16 @@ def fixed_point(
     >>> round(float(jax.grad(babylonian, argnums=1)(1.0, 9.0)), 6)   # 1/(2*3)
     0.166667
     """
-    cfg = ImplicitConfig(
-        linear_solver=linear_solver,
+    cfg = _config(
+        "fixed_point",
+        linear_solver,
+        symmetric=False,
+        positive_definite=False,
         check=check,
         tol=tol,
         max_condition=max_condition,
         solve_rtol=solve_rtol,
         solve_atol=solve_atol,
-        kind="fixed_point",
     )
 
     def residual(x, *params):

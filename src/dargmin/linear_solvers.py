@@ -1,48 +1,110 @@
-"""Choice of the linear solver for the implicit system ``(∂ₓg) ẋ = -(∂θg) θ̇``.
+r"""The one linear-system layer: solver strategies, defaults, factorization reuse, checked results.
 
-All solvers are lineax solvers, so that the linear solve is differentiable and transposable
-(reverse mode comes from transposing the forward rule). This module only maps user-facing
-names to lineax objects and decides a default from the structure of the problem.
+Every linear system dargmin solves — the implicit system :math:`(\partial_x g)\,\dot x =
+-\partial_\theta g\,\dot\theta`, the Newton step of the check, the Taylor coefficients, the
+influence-function Hessian solves, the hypergradient's restricted system — goes through
+this module. A *solver strategy* is a small immutable object that says
 
-==============  =========================================  ==================================
-name            lineax solver                              use when
-==============  =========================================  ==================================
-``"cholesky"``  :class:`lineax.Cholesky` (dense)           SPD Hessian (a strict minimum)
-``"lu"``        :class:`lineax.LU` (dense)                 any square non-singular system
-``"cg"``        :class:`lineax.CG` (matrix-free)           large SPD Hessian
-``"gmres"``     :class:`lineax.GMRES` (matrix-free)        large non-symmetric / indefinite
-``"bicgstab"``  :class:`lineax.BiCGStab` (matrix-free)     large non-symmetric
-``"lstsq"``     :class:`lineax.SVD` (dense, pseudo-inv.)   singular / rank-deficient systems
-``"lsmr"``      :class:`lineax.LSMR` (matrix-free)         large singular / least squares
-``"qr"``        :class:`lineax.QR` (dense)                 full-rank rectangular / square
-``"minres"``    :class:`dargmin.krylov.MINRES` (m.-free)   large symmetric indefinite
-==============  =========================================  ==================================
+* which :mod:`lineax` solver to run (:meth:`LinearSolver.lineax_solver`): lineax solves are
+  differentiable and transposable, so reverse mode is the transpose of the forward rule;
+* what structure it needs (``needs``: a general, symmetric or positive-definite system);
+* whether it is dense (a factorization, made once and reused through lineax's ``state``)
+  or matrix-free (Krylov: operator products only, the matrix is never built).
 
-``"auto"``: dense when the unknown has at most ``dense_max_size`` entries (Cholesky for a
-symmetric positive-definite system, LU otherwise), matrix-free beyond (CG / GMRES).
-lineax ships no MINRES, so ``"minres"`` is dargmin's own (:mod:`dargmin.krylov`), written on
-lineax's solver interface so that it transposes and differentiates like the others.
+=====================  ========================  ===========================================
+strategy (name)        lineax solver             use when
+=====================  ========================  ===========================================
+``Cholesky()``         ``lineax.Cholesky``       SPD Hessian (a strict minimum); its success
+                                                 certifies positive definiteness
+``LU()``               ``lineax.LU``             any square non-singular system
+``QR()``               ``lineax.QR``             square or full-rank rectangular
+``LeastSquares()``     ``lineax.SVD``            singular systems: minimum-norm solution;
+                                                 reports the rank used and the norm dropped
+``CG()``               :class:`~dargmin.krylov.  large SPD Hessian; reports negative
+                       ConjugateGradient`        curvature (a saddle) instead of diverging
+``MINRES()``           :class:`~dargmin.krylov.  large symmetric indefinite (KKT, saddles)
+                       MINRES`
+``GMRES()``            ``lineax.GMRES``          large non-symmetric
+``BiCGStab()``         ``lineax.BiCGStab``       large non-symmetric, low memory
+``LSMR()``             ``lineax.LSMR``           large least squares
+``Auto()``             —                         dense up to ``dense_max_size`` unknowns
+                                                 (Cholesky if SPD, else LU), else CG/GMRES
+=====================  ========================  ===========================================
+
+Strings are shorthands for these objects (``"cholesky"`` is ``Cholesky()``, ...): the
+registry :data:`SOLVERS` is the one place where a name maps to a strategy, so a new solver
+is a new class plus one entry there. A raw :class:`lineax.AbstractLinearSolver` is accepted
+too and wrapped in :class:`LineaxSolver`.
+
+Results are always checked (:class:`CheckedSolver`): a Krylov method that stops at its step
+limit, an LSMR run that settles for a least-squares residual on a square system, a
+factorization that produces NaN, a truncated pseudo-inverse — each raises (or warns with)
+a :class:`~dargmin.errors.DargminError` naming the solver, the numbers and the cause, inside
+``jax.jit``, ``vmap`` and reverse mode too. No wrong vector is passed on silently.
+
+Examples
+--------
+>>> import jax.numpy as jnp, lineax as lx
+>>> solver = as_linear_solver("auto").resolve(size=3, symmetric=True, positive_definite=True)
+>>> solver
+Cholesky()
+>>> op = lx.MatrixLinearOperator(jnp.diag(jnp.array([1.0, 2.0, 4.0])), lx.positive_semidefinite_tag)
+>>> system = factorize(op, solver)                  # one factorization ...
+>>> system.solve(jnp.ones(3)).tolist()              # ... reused for every right-hand side
+[1.0, 0.5, 0.25]
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import functools
+from typing import Any, ClassVar, Literal
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import lineax as lx
+import numpy as np
+from jax.flatten_util import ravel_pytree
 
-from dargmin.krylov import MINRES
+from dargmin.errors import DargminWarning, SingularSystemError
+from dargmin.krylov import MINRES as _MINRESSolver
+from dargmin.krylov import ConjugateGradient as _CGSolver
 
-SolverName = Literal[
-    "auto", "cholesky", "lu", "cg", "gmres", "bicgstab", "lstsq", "lsmr", "qr", "minres"
+__all__ = [
+    "CG",
+    "DENSE_MAX_SIZE",
+    "DENSE_MAX_SIZE_REUSED",
+    "GMRES",
+    "LSMR",
+    "LU",
+    "MINRES",
+    "QR",
+    "SOLVERS",
+    "Auto",
+    "BiCGStab",
+    "CheckedSolver",
+    "Cholesky",
+    "Factorization",
+    "LeastSquares",
+    "LinearSolver",
+    "LineaxSolver",
+    "as_linear_solver",
+    "default_tolerances",
+    "factorize",
+    "make_linear_solver",
+    "operator_tags",
+    "two_norm",
 ]
 
-#: Above this many unknowns, ``"auto"`` switches from dense factorizations to Krylov
-#: methods (building the dense matrix costs one Jacobian-vector product per unknown).
+#: ``Auto()`` switches from dense factorizations to Krylov methods above this many unknowns
+#: when the system is solved a few times (building the matrix costs one operator product per
+#: unknown, a Krylov solve a few dozen).
 DENSE_MAX_SIZE = 200
+#: The cut-over when one factorization serves many solves (Taylor coefficients of every
+#: order, the report of ``check_optimum``): the O(n³) factorization is amortized.
+DENSE_MAX_SIZE_REUSED = 2000
 
-_NAMES = ("auto", "cholesky", "lu", "cg", "gmres", "bicgstab", "lstsq", "lsmr", "qr", "minres")
+Needs = Literal["general", "symmetric", "positive_definite"]
 
 
 def two_norm(tree: object) -> jax.Array:
@@ -61,6 +123,558 @@ def two_norm(tree: object) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(jnp.abs(leaf) ** 2) for leaf in leaves))
 
 
+def default_tolerances(dtype: Any) -> tuple[float, float]:
+    """Default ``(rtol, atol)`` of the iterative solvers for ``dtype``: the one place.
+
+    ``rtol = 0.1·sqrt(eps)`` (1.5e-9 in float64, 3.5e-5 in float32) keeps the linear-solve
+    error well below what the derivative's own accuracy (limited by the solution's) can
+    use. ``atol = 1e-3·rtol`` is an absolute floor: batched (vmapped, e.g. ``jacrev``)
+    Krylov solves iterate until every member converges, and a member whose residual sits
+    at rounding level never meets a purely relative test.
+
+    Examples
+    --------
+    >>> rtol, atol = default_tolerances(jnp.float64)
+    >>> f"{rtol:.1e} {atol:.1e}"
+    '1.5e-09 1.5e-12'
+    """
+    eps = float(jnp.finfo(dtype).eps)
+    rtol = 0.1 * eps**0.5
+    return rtol, 1e-3 * rtol
+
+
+class LinearSolver(eqx.Module):
+    """A linear-solver strategy (abstract): what to run and what structure it needs.
+
+    Subclasses set the class attributes and implement :meth:`lineax_solver`; ``Auto``
+    overrides :meth:`resolve`. Instances are immutable (equinox Modules), hashable and
+    usable as static arguments.
+    """
+
+    #: Whether the strategy factorizes a dense matrix (built once from the operator).
+    dense: ClassVar[bool] = False
+    #: The structure the system must have for this strategy to be valid.
+    needs: ClassVar[Needs] = "general"
+    #: Whether a successful solve proves that a symmetric system is positive definite.
+    certifies_positive_definite: ClassVar[bool] = False
+
+    def resolve(self, size: int, *, symmetric: bool, positive_definite: bool) -> LinearSolver:
+        """The concrete strategy for a system of ``size`` unknowns (``self`` unless ``Auto``)."""
+        del size, symmetric, positive_definite
+        return self
+
+    def lineax_solver(self, size: int, dtype: Any) -> lx.AbstractLinearSolver:
+        """The lineax solver that runs this strategy."""
+        raise NotImplementedError
+
+    @property
+    def name(self) -> str:
+        """The registry name (``"cholesky"``, ``"cg"``, ...)."""
+        return type(self).__name__.lower()
+
+
+class Cholesky(LinearSolver):
+    """Dense Cholesky factorization; a symmetric positive-definite system is required, and a
+    successful factorization certifies it (a failure means not positive definite or singular).
+    """
+
+    dense: ClassVar[bool] = True
+    needs: ClassVar[Needs] = "positive_definite"
+    certifies_positive_definite: ClassVar[bool] = True
+
+    def lineax_solver(self, size: int, dtype: Any) -> lx.AbstractLinearSolver:
+        return lx.Cholesky()
+
+
+class LU(LinearSolver):
+    """Dense LU factorization with partial pivoting, for any square non-singular system."""
+
+    dense: ClassVar[bool] = True
+
+    def lineax_solver(self, size: int, dtype: Any) -> lx.AbstractLinearSolver:
+        return lx.LU()
+
+
+class QR(LinearSolver):
+    """Dense QR factorization (square, or full-rank rectangular)."""
+
+    dense: ClassVar[bool] = True
+
+    def lineax_solver(self, size: int, dtype: Any) -> lx.AbstractLinearSolver:
+        return lx.QR()
+
+
+class LeastSquares(LinearSolver):
+    """Dense SVD pseudo-inverse: the minimum-norm solution of a singular system.
+
+    Singular values below ``rcond · σ_max`` (default ``rcond = n·eps``) are dropped; the
+    solve then warns with the rank it used and the norm of the right-hand side it dropped,
+    because the result is a derivative only in the directions that were kept.
+    """
+
+    rcond: float | None = None
+    dense: ClassVar[bool] = True
+
+    def lineax_solver(self, size: int, dtype: Any) -> lx.AbstractLinearSolver:
+        return lx.SVD(rcond=self.rcond)
+
+    @property
+    def name(self) -> str:
+        return "lstsq"
+
+
+class _Krylov(LinearSolver):
+    """Shared fields of the matrix-free strategies: tolerances (``None``: the dtype's
+    defaults, :func:`default_tolerances`) and the step cap (``None``: ``max(10·n, 100)``)."""
+
+    rtol: float | None = None
+    atol: float | None = None
+    max_steps: int | None = None
+
+    def _settings(self, size: int, dtype: Any) -> tuple[float, float, int]:
+        rtol, atol = default_tolerances(dtype)
+        rtol = self.rtol if self.rtol is not None else rtol
+        atol = self.atol if self.atol is not None else 1e-3 * rtol
+        max_steps = self.max_steps if self.max_steps is not None else max(10 * size, 100)
+        return rtol, atol, max_steps
+
+
+class CG(_Krylov):
+    """Conjugate gradients (dargmin's :class:`~dargmin.krylov.ConjugateGradient`): SPD systems,
+    matrix-free. A direction of negative curvature stops it with a ``breakdown`` that the
+    check reports as "not a minimum"."""
+
+    needs: ClassVar[Needs] = "positive_definite"
+
+    def lineax_solver(self, size: int, dtype: Any) -> lx.AbstractLinearSolver:
+        rtol, atol, max_steps = self._settings(size, dtype)
+        return _CGSolver(rtol=rtol, atol=atol, max_steps=max_steps)
+
+
+class MINRES(_Krylov):
+    """MINRES (dargmin's :class:`~dargmin.krylov.MINRES`): symmetric, possibly indefinite."""
+
+    needs: ClassVar[Needs] = "symmetric"
+
+    def lineax_solver(self, size: int, dtype: Any) -> lx.AbstractLinearSolver:
+        rtol, atol, max_steps = self._settings(size, dtype)
+        return _MINRESSolver(rtol=rtol, atol=atol, max_steps=max_steps)
+
+
+class GMRES(_Krylov):
+    """Restarted GMRES (``lineax.GMRES``, restart ``min(n, 50)``): general square systems."""
+
+    restart: int | None = None
+
+    def lineax_solver(self, size: int, dtype: Any) -> lx.AbstractLinearSolver:
+        rtol, atol, max_steps = self._settings(size, dtype)
+        restart = self.restart if self.restart is not None else min(size, 50)
+        return lx.GMRES(rtol=rtol, atol=atol, norm=two_norm, max_steps=max_steps, restart=restart)
+
+
+class BiCGStab(_Krylov):
+    """BiCGStab (``lineax.BiCGStab``): general square systems, constant memory."""
+
+    def lineax_solver(self, size: int, dtype: Any) -> lx.AbstractLinearSolver:
+        rtol, atol, max_steps = self._settings(size, dtype)
+        return lx.BiCGStab(rtol=rtol, atol=atol, norm=two_norm, max_steps=max_steps)
+
+
+class LSMR(_Krylov):
+    """LSMR (``lineax.LSMR``): least squares, matrix-free. On a square system a solve that
+    only reaches a least-squares residual (inconsistent or too ill-conditioned) is reported
+    with LSMR's own condition estimate instead of being returned as a solution."""
+
+    def lineax_solver(self, size: int, dtype: Any) -> lx.AbstractLinearSolver:
+        rtol, atol, max_steps = self._settings(size, dtype)
+        return lx.LSMR(rtol=rtol, atol=atol, max_steps=max_steps)
+
+
+class Auto(LinearSolver):
+    """Dense up to ``dense_max_size`` unknowns (Cholesky for an SPD system, LU otherwise),
+    matrix-free beyond (CG for SPD, GMRES otherwise, with ``rtol``/``atol``/``max_steps``)."""
+
+    dense_max_size: int = DENSE_MAX_SIZE
+    rtol: float | None = None
+    atol: float | None = None
+    max_steps: int | None = None
+
+    def resolve(self, size: int, *, symmetric: bool, positive_definite: bool) -> LinearSolver:
+        spd = symmetric and positive_definite
+        if size <= self.dense_max_size:
+            return Cholesky() if spd else LU()
+        krylov = CG if spd else GMRES
+        return krylov(rtol=self.rtol, atol=self.atol, max_steps=self.max_steps)
+
+    def lineax_solver(self, size: int, dtype: Any) -> lx.AbstractLinearSolver:
+        raise TypeError("Auto() must be resolved (Auto().resolve(...)) before it is run.")
+
+
+class LineaxSolver(LinearSolver):
+    """Any lineax solver instance, used as given (structure taken from its type)."""
+
+    solver: lx.AbstractLinearSolver
+
+    @property
+    def dense(self) -> bool:  # type: ignore[override]
+        return isinstance(self.solver, lx.Cholesky | lx.LU | lx.QR | lx.SVD)
+
+    @property
+    def needs(self) -> Needs:  # type: ignore[override]
+        if isinstance(self.solver, lx.Cholesky | lx.CG | _CGSolver):
+            return "positive_definite"
+        return "symmetric" if isinstance(self.solver, _MINRESSolver) else "general"
+
+    def lineax_solver(self, size: int, dtype: Any) -> lx.AbstractLinearSolver:
+        return self.solver
+
+    @property
+    def name(self) -> str:
+        return repr(self.solver)
+
+
+#: The registry of solver names: the one place where a string maps to a strategy.
+SOLVERS: dict[str, type[LinearSolver]] = {
+    "auto": Auto,
+    "cholesky": Cholesky,
+    "lu": LU,
+    "qr": QR,
+    "lstsq": LeastSquares,
+    "cg": CG,
+    "minres": MINRES,
+    "gmres": GMRES,
+    "bicgstab": BiCGStab,
+    "lsmr": LSMR,
+}
+
+
+def as_linear_solver(spec: str | LinearSolver | lx.AbstractLinearSolver) -> LinearSolver:
+    """The strategy for ``spec``: a registry name, a strategy, or a lineax solver.
+
+    Examples
+    --------
+    >>> as_linear_solver("cg")
+    CG()
+    >>> as_linear_solver("lu").dense
+    True
+    """
+    if isinstance(spec, LinearSolver):
+        return spec
+    if isinstance(spec, lx.AbstractLinearSolver):
+        return LineaxSolver(spec)
+    if isinstance(spec, str) and spec in SOLVERS:
+        return SOLVERS[spec]()
+    raise ValueError(
+        f"Unknown linear_solver {spec!r}. Choose one of {', '.join(SOLVERS)}, a "
+        "dargmin.linear_solvers strategy (e.g. CG(rtol=1e-10)) or a "
+        "lineax.AbstractLinearSolver instance."
+    )
+
+
+def operator_tags(
+    solver: LinearSolver, *, symmetric: bool, positive_definite: bool, problem: str = "problem"
+) -> tuple:
+    """The lineax tags of the system, refusing a strategy whose needs the system lacks.
+
+    Examples
+    --------
+    >>> operator_tags(LU(), symmetric=True, positive_definite=False)
+    (symmetric_tag,)
+    """
+    if solver.needs == "positive_definite" and not (symmetric and positive_definite):
+        if not symmetric:
+            _refuse_structure(solver, problem)
+        # A symmetric system that is not declared positive definite (a root of a symmetric
+        # Jacobian): the SPD solver is the user's explicit choice; the check reports a
+        # failure of definiteness.
+    if solver.needs == "symmetric" and not symmetric:
+        _refuse_structure(solver, problem)
+    if symmetric and (positive_definite or solver.needs == "positive_definite"):
+        return (lx.symmetric_tag, lx.positive_semidefinite_tag)
+    return (lx.symmetric_tag,) if symmetric else ()
+
+
+def _refuse_structure(solver: LinearSolver, problem: str) -> None:
+    needs = "symmetric positive-definite" if solver.needs == "positive_definite" else "symmetric"
+    raise ValueError(
+        f"linear_solver={solver.name!r} needs a {needs} system, but this {problem} has a "
+        "general Jacobian. Use 'lu', 'gmres' or 'bicgstab', or dargmin.argmin when the system "
+        "is a Hessian (or root(..., symmetric=True) when it is symmetric)."
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Checked solves
+# --------------------------------------------------------------------------------------
+
+_RESULT_NAMES = {
+    int(lx.RESULTS.successful._value): "successful",
+    int(lx.RESULTS.max_steps_reached._value): "max_steps_reached",
+    int(lx.RESULTS.singular._value): "singular",
+    int(lx.RESULTS.breakdown._value): "breakdown",
+    int(lx.RESULTS.stagnation._value): "stagnation",
+    int(lx.RESULTS.conlim._value): "conlim",
+    int(lx.RESULTS.nonfinite_input._value): "nonfinite_input",
+}
+
+
+def _report_failed_solve(
+    code: Any,
+    nonfinite: Any,
+    residual: Any,
+    rhs_norm: Any,
+    steps: Any,
+    condition: Any,
+    rank: Any,
+    dropped: Any,
+    *,
+    solver_name: str,
+    context: str,
+    mode: str,
+    size: int,
+    dtype: Any,
+    max_condition: float,
+) -> np.ndarray:
+    """Host side of :class:`CheckedSolver`: raise or warn, naming the numbers, per member."""
+    arrays = [
+        np.asarray(v, dtype=float)
+        for v in (code, nonfinite, residual, rhs_norm, steps, condition, rank, dropped)
+    ]
+    shape = np.broadcast_shapes(*(a.shape for a in arrays))
+    zeros = np.zeros(shape, dtype=dtype)
+    members = [np.broadcast_to(a, shape).ravel() for a in arrays]
+    for i in range(int(np.prod(shape, dtype=int))):
+        c, bad, res, bnorm, k, cond, r, drop = (float(m[i]) for m in members)
+        message = _failed_solve_message(
+            int(c), bool(bad), res, bnorm, k, cond, r, drop, solver_name, size, max_condition
+        )
+        if message is None:
+            continue
+        text, reason, is_error = message
+        where = f" (batch member {np.unravel_index(i, shape)} of {shape})" if shape else ""
+        full = f"dargmin.{context}: {text}{where} [reason: {reason}]"
+        if is_error and mode != "warn":
+            error = SingularSystemError(full)
+            error.reason = reason
+            raise error
+        import warnings
+
+        warnings.warn(full, DargminWarning, stacklevel=2)
+        return zeros
+    return zeros
+
+
+def _failed_solve_message(
+    code: int,
+    nonfinite: bool,
+    residual: float,
+    rhs_norm: float,
+    steps: float,
+    condition: float,
+    rank: float,
+    dropped: float,
+    solver_name: str,
+    size: int,
+    max_condition: float = np.inf,
+) -> tuple[str, str, bool] | None:
+    result = _RESULT_NAMES.get(code, str(code))
+    relative = residual / rhs_norm if rhs_norm > 0 else residual
+    if result == "breakdown":
+        return (
+            f"the {solver_name} solve met a direction of non-positive curvature after "
+            f"{steps:.0f} steps: the matrix is not positive definite (a saddle point or a "
+            "maximum, not a strict minimum). Use linear_solver='minres' or 'lu' if any "
+            "stationary point will do.",
+            "not_minimum",
+            True,
+        )
+    if nonfinite or result in ("singular", "nonfinite_input"):
+        return (
+            f"the {solver_name} solve returned non-finite values (lineax result "
+            f"{result!r}): the system is singular (or, for a Cholesky factorization, not "
+            "positive definite), or its inputs hold NaN/inf. Regularize the problem, or use "
+            "linear_solver='lstsq' for the minimum-norm solution.",
+            "singular",
+            True,
+        )
+    if result in ("max_steps_reached", "stagnation", "conlim") or (
+        np.isfinite(relative) and relative > 1e-2 and rhs_norm > 0
+    ):
+        cond_text = (
+            f"; the solver's condition estimate is {condition:.3g}"
+            if np.isfinite(condition) and condition > 0
+            else ""
+        )
+        return (
+            f"the {solver_name} solve of a {size}-unknown system did not converge (lineax "
+            f"result {result!r} after {steps:.0f} steps; relative residual "
+            f"‖Ax − b‖/‖b‖ = {relative:.3g}{cond_text}). The system is ill-conditioned or "
+            "singular, so a derivative from it would be wrong. Regularize the problem, use a "
+            "dense solver ('lu'/'cholesky') to measure the conditioning, or raise max_steps.",
+            "ill_conditioned",
+            True,
+        )
+    if np.isfinite(condition) and condition > max_condition:
+        return (
+            f"the {solver_name} solve reports a condition number estimate of {condition:.3g} "
+            f"(limit {max_condition:.3g}): the system is nearly singular and the solution "
+            f"carries no reliable digits (relative residual {relative:.3g}). Regularize the "
+            "problem, or use linear_solver='lstsq' for the minimum-norm solution.",
+            "ill_conditioned",
+            True,
+        )
+    if rank >= 0 and rank < size and dropped > 0:
+        return (
+            f"the least-squares (pseudo-inverse) solve used rank {rank:.0f} of {size} and "
+            f"dropped a part of norm {dropped:.3g} of the right-hand side (relative "
+            f"{relative:.3g}): the result is the minimum-norm solution, a derivative only in "
+            "the directions kept.",
+            "singular",
+            False,
+        )
+    return None
+
+
+class CheckedSolver(lx.AbstractLinearSolver):
+    """A lineax solver whose every result is checked (forward, transposed and batched solves).
+
+    After the inner solve, a host callback receives the lineax result code, whether the
+    solution is finite, the relative residual ``‖Ax − b‖/‖b‖`` (Krylov and least-squares
+    solvers: one more operator product), the step count and any condition or rank estimate,
+    and raises :class:`~dargmin.errors.SingularSystemError` (``mode="raise"``) or warns
+    (``mode="warn"``) with the numbers. lineax's own ``throw`` is then unnecessary (use
+    ``throw=False``), and its messages never reach the user.
+    """
+
+    inner: lx.AbstractLinearSolver
+    solver_name: str = eqx.field(static=True)
+    context: str = eqx.field(static=True)
+    mode: str = eqx.field(static=True, default="raise")
+    max_condition: float = eqx.field(static=True, default=float("inf"))
+
+    def init(self, operator: lx.AbstractLinearOperator, options: dict[str, Any]):
+        return self.inner.init(operator, options), operator
+
+    def compute(self, state, vector, options: dict[str, Any]):
+        inner_state, operator = state
+        solution, result, stats = self.inner.compute(inner_state, vector, options)
+        flat_sol = ravel_pytree(solution)[0]
+        flat_b = ravel_pytree(vector)[0]
+        dtype = flat_sol.dtype
+        real = jnp.finfo(dtype).dtype
+        nonfinite = ~jnp.all(jnp.isfinite(flat_sol))
+        rank = jnp.asarray(-1.0, real)
+        dropped = jnp.asarray(0.0, real)
+        dense = isinstance(self.inner, lx.Cholesky | lx.LU | lx.QR)
+        if dense:
+            # An exact factorization has a tiny backward error whenever it is finite; its
+            # accuracy is a matter of conditioning, which the diagnosis measures.
+            residual = jnp.asarray(0.0, real)
+        else:
+            residual = jnp.linalg.norm(ravel_pytree(operator.mv(solution))[0] - flat_b)
+        if isinstance(self.inner, lx.SVD):
+            _, s, _ = inner_state[0]
+            rcond = self.inner.rcond
+            if rcond is None:
+                rcond = float(jnp.finfo(dtype).eps) * max(flat_sol.size, flat_b.size)
+            rank = jnp.sum(s > rcond * jnp.max(s)).astype(real)
+            dropped = residual
+            residual = jnp.asarray(0.0, real)  # truncation is the design: reported as rank
+        steps = jnp.asarray(stats.get("num_steps", jnp.nan), real) if stats else jnp.nan
+        condition = jnp.asarray(stats.get("cond_A", jnp.nan), real) if stats else jnp.nan
+        code = jnp.asarray(result._value, jnp.int32)
+        report = functools.partial(
+            _report_failed_solve,
+            solver_name=self.solver_name,
+            context=self.context,
+            mode=self.mode,
+            size=int(flat_b.size),
+            dtype=np.dtype(real),
+            max_condition=self.max_condition,
+        )
+        zero = jax.pure_callback(
+            report,
+            jax.ShapeDtypeStruct((), real),
+            code,
+            nonfinite,
+            residual,
+            jnp.linalg.norm(flat_b),
+            jnp.asarray(steps, real),
+            jnp.asarray(condition, real),
+            rank,
+            dropped,
+            vmap_method="expand_dims",
+        )
+        solution = jax.tree_util.tree_map(lambda leaf: leaf + zero.astype(leaf.dtype), solution)
+        return solution, lx.RESULTS.successful, stats
+
+    def transpose(self, state, options: dict[str, Any]):
+        inner_state, operator = state
+        transposed_state, transposed_options = self.inner.transpose(inner_state, options)
+        return (transposed_state, operator.transpose()), transposed_options
+
+    def conj(self, state, options: dict[str, Any]):
+        inner_state, operator = state
+        conj_state, conj_options = self.inner.conj(inner_state, options)
+        return (conj_state, lx.conj(operator)), conj_options
+
+    def assume_full_rank(self) -> bool:
+        return self.inner.assume_full_rank()
+
+
+class Factorization(eqx.Module):
+    """A linear system prepared once (factorized, for dense strategies) and solved many times.
+
+    Dense strategies factorize in :func:`factorize`; every :meth:`solve` reuses the factors
+    through lineax's ``state`` (a triangular solve, O(n²), per right-hand side). Krylov
+    strategies keep the operator. Solves are differentiable in the right-hand side (and, by
+    lineax, in the operator).
+    """
+
+    operator: lx.AbstractLinearOperator
+    solver: lx.AbstractLinearSolver
+    state: Any
+
+    def solve(self, rhs: Any) -> Any:
+        """Solve ``A x = rhs`` (``rhs`` shaped like the operator's input), checked."""
+        return lx.linear_solve(self.operator, rhs, self.solver, state=self.state, throw=False).value
+
+    def solve_unchecked(self, rhs: Any) -> tuple[Any, jax.Array]:
+        """Solve without the failure report; return ``(x, failed)`` with a boolean flag
+        (used by the diagnosis, which measures rather than refuses)."""
+        solver = self.solver.inner if isinstance(self.solver, CheckedSolver) else self.solver
+        state = self.state[0] if isinstance(self.solver, CheckedSolver) else self.state
+        sol = lx.linear_solve(self.operator, rhs, solver, state=state, throw=False)
+        return sol.value, sol.result != lx.RESULTS.successful
+
+
+def factorize(
+    operator: lx.AbstractLinearOperator,
+    solver: LinearSolver | lx.AbstractLinearSolver,
+    *,
+    context: str = "linear_solve",
+    mode: str = "raise",
+    max_condition: float = float("inf"),
+) -> Factorization:
+    """Prepare ``operator`` for repeated solves with ``solver`` (factorize once if dense).
+
+    ``context`` names the caller in failure messages (e.g. ``"argmin"``); ``mode`` is
+    ``"raise"`` or ``"warn"`` for failed solves; ``max_condition`` bounds the condition
+    number estimate a solver reports (LSMR's), beyond which the solve is refused.
+    """
+    size = int(operator.in_size())
+    if isinstance(solver, LinearSolver):
+        name = solver.name
+        dtype = jax.tree_util.tree_leaves(operator.in_structure())[0].dtype
+        inner = solver.lineax_solver(size, dtype)
+    else:
+        name, inner = repr(solver), solver
+    checked = CheckedSolver(
+        inner, solver_name=name, context=context, mode=mode, max_condition=max_condition
+    )
+    return Factorization(operator, checked, checked.init(operator, {}))
+
+
 def make_linear_solver(
     name: str | lx.AbstractLinearSolver,
     *,
@@ -71,80 +685,27 @@ def make_linear_solver(
     max_steps: int | None = None,
     dense_max_size: int = DENSE_MAX_SIZE,
 ) -> lx.AbstractLinearSolver:
-    """Return the lineax solver for ``name`` (or ``name`` itself if already a solver).
+    """Deprecated: use a strategy (``dargmin.linear_solvers.CG(rtol=...)``, ...) instead."""
+    import warnings
 
-    Parameters
-    ----------
-    name
-        One of ``"auto", "cholesky", "lu", "cg", "gmres", "bicgstab", "lstsq", "lsmr", "qr"``
-        or a :class:`lineax.AbstractLinearSolver` instance.
-    size
-        Number of unknowns (entries of ``x``), used by ``"auto"``.
-    symmetric_positive_definite
-        Whether the system matrix is known to be SPD (true for ``argmin``).
-    rtol, atol
-        Tolerances of the iterative solvers.
-    max_steps
-        Iteration cap of the iterative solvers (default ``10 * size``).
-
-    Examples
-    --------
-    >>> make_linear_solver("auto", size=10, symmetric_positive_definite=True,
-    ...                    rtol=1e-10, atol=1e-10)
-    Cholesky()
-    """
-    if isinstance(name, lx.AbstractLinearSolver):
-        return name
-    if not isinstance(name, str) or name not in _NAMES:
-        raise ValueError(
-            f"Unknown linear_solver {name!r}. Choose one of {', '.join(_NAMES)} "
-            "or pass a lineax.AbstractLinearSolver instance."
+    warnings.warn(
+        "make_linear_solver is deprecated and will be removed in dargmin 0.3; pass a "
+        "strategy from dargmin.linear_solvers (e.g. CG(rtol=1e-10), Cholesky(), "
+        "Auto(dense_max_size=500)) or its name as linear_solver=.",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    strategy = as_linear_solver(name)
+    if isinstance(strategy, Auto):
+        strategy = Auto(dense_max_size=dense_max_size)
+    strategy = strategy.resolve(
+        size, symmetric=symmetric_positive_definite, positive_definite=symmetric_positive_definite
+    )
+    if isinstance(strategy, _Krylov):
+        strategy = eqx.tree_at(
+            lambda s: (s.rtol, s.atol, s.max_steps),
+            strategy,
+            (rtol, atol, max_steps),
+            is_leaf=lambda v: v is None,
         )
-    if max_steps is None:
-        max_steps = max(10 * size, 100)
-    if name == "auto":
-        if size <= dense_max_size:
-            name = "cholesky" if symmetric_positive_definite else "lu"
-        else:
-            name = "cg" if symmetric_positive_definite else "gmres"
-    if name == "cholesky":
-        return lx.Cholesky()
-    if name == "lu":
-        return lx.LU()
-    if name == "qr":
-        return lx.QR()
-    if name == "lstsq":
-        return lx.SVD()
-    if name == "cg":
-        return lx.CG(rtol=rtol, atol=atol, norm=two_norm, max_steps=max_steps)
-    if name == "gmres":
-        return lx.GMRES(
-            rtol=rtol, atol=atol, norm=two_norm, max_steps=max_steps, restart=min(size, 50)
-        )
-    if name == "bicgstab":
-        return lx.BiCGStab(rtol=rtol, atol=atol, norm=two_norm, max_steps=max_steps)
-    if name == "minres":
-        return MINRES(rtol=rtol, atol=atol, max_steps=max_steps)
-    return lx.LSMR(rtol=rtol, atol=atol, max_steps=max_steps)
-
-
-def needs_symmetric_tag(solver: lx.AbstractLinearSolver) -> bool:
-    """Whether ``solver`` requires a symmetric operator (MINRES, and the SPD solvers).
-
-    Examples
-    --------
-    >>> needs_symmetric_tag(MINRES(rtol=1e-8, atol=1e-8))
-    True
-    """
-    return isinstance(solver, MINRES) or needs_spd_tags(solver)
-
-
-def needs_spd_tags(solver: lx.AbstractLinearSolver) -> bool:
-    """Whether ``solver`` requires the operator to be tagged symmetric positive (semi)definite.
-
-    Examples
-    --------
-    >>> needs_spd_tags(lx.CG(rtol=1e-8, atol=1e-8))
-    True
-    """
-    return isinstance(solver, lx.Cholesky | lx.CG)
+    return strategy.lineax_solver(size, jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)

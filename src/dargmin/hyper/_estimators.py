@@ -123,6 +123,8 @@ class _HyperCVBase(BaseEstimator):
         return tags
 
 
+# The shared parameter section, imported by _classifier.py. The regressors below spell it
+# out in their own docstrings: a docstring must be one string literal, or ``__doc__`` is None.
 _COMMON_PARAMS_DOC = """
     cv : int or cross-validation splitter, default=5
         Folds of the cross-validation criterion (mean held-out loss over folds).
@@ -173,42 +175,76 @@ def _lasso_start(est: _HyperCVBase, X: np.ndarray, y: np.ndarray, max_iter: int)
 
 
 class LassoHyperCV(_Regressor):
-    (
-        """Lasso whose ``alpha`` minimizes the K-fold CV error, found by hypergradient descent.
+    """Lasso whose ``alpha`` minimizes the K-fold CV error, found by hypergradient descent.
 
-    Objective (scikit-learn's convention): ``‖y − Xw − b‖²/(2n) + alpha ‖w‖₁``; the CV
-    criterion is minimized over ``log alpha`` with gradients by implicit differentiation
-    restricted to the support.
+    Objective (scikit-learn's convention): ``‖y − Xw − b‖²/(2n) + alpha ‖w‖₁``. The CV
+    criterion is minimized over ``log alpha``, with gradients by implicit differentiation
+    restricted to the support (:class:`~dargmin.hyper.ImplicitSupport` by default); the
+    model is then refit on all the data. The hypergradient analogue of
+    :class:`sklearn.linear_model.LassoCV`, with a continuous search instead of a grid.
 
     Parameters
     ----------
     alpha0 : float or None, default=None
         Starting ``alpha`` (default ``alpha_max / 10``).
-    """
-        + _COMMON_PARAMS_DOC
-        + """
+    cv : int or cross-validation splitter, default=5
+        Folds of the criterion, :class:`~dargmin.hyper.CrossVal` (mean held-out loss).
+    method : str or HypergradientMethod, default="implicit"
+        Hypergradient method: an object (:class:`~dargmin.hyper.ImplicitSupport`,
+        :class:`~dargmin.hyper.ImplicitForward`, :class:`~dargmin.hyper.Unrolled`) or a
+        name of :data:`~dargmin.hyper.REGISTRY` ("implicit", "implicit_forward",
+        "forward", "reverse").
+    optimizer : str, optimizer object or optax optimizer, default="gd"
+        Outer optimizer: :class:`~dargmin.hyper.ProjectedGradientDescent` ("gd"),
+        :class:`~dargmin.hyper.LBFGSB` ("lbfgs"), :class:`~dargmin.hyper.OptaxOptimizer`
+        or an ``optax.GradientTransformation``.
+    solver : str or InnerSolver, default="auto"
+        Inner solver: an object (:class:`~dargmin.hyper.ProxCD`,
+        :class:`~dargmin.hyper.FISTA`, :class:`~dargmin.hyper.SklearnSolver`...) or a name
+        ("auto", "cd", "fista", "ista", "sklearn", "direct"); "auto" is
+        :func:`~dargmin.hyper.default_solver`.
+    max_iter : int, default=30
+        Maximal number of outer iterations.
+    fit_intercept : bool, default=True
+        Fit an unpenalized intercept.
+    verbose : bool, default=False
+        Show a tqdm progress bar.
+
     Attributes
     ----------
     alpha_ : float
         Selected regularization strength.
-    coef_, intercept_ : ndarray, float
-        Refit on all the data at ``alpha_``.
+    coef_ : ndarray of shape (n_features,)
+        Coefficients refit on all the data at the selected hyperparameters.
+    intercept_ : float
+        Intercept of the refit (0 when ``fit_intercept=False``).
+    log_theta_ : ndarray of shape (n_hyper,)
+        Selected hyperparameters in log scale.
     path_ : dargmin.hyper.Monitor
-        Every evaluation (time, log alpha, CV loss, gradient norm).
+        Every evaluation of the outer search (time, log θ, CV loss, gradient norm).
     n_iter_ : int
-        Outer iterations. ``n_evals_``: criterion evaluations (each solves ``cv`` problems).
+        Outer iterations.
+    n_evals_ : int
+        Criterion evaluations (each solves ``cv`` inner problems).
     cv_score_ : float
-        Mean CV loss at ``alpha_``.
+        Mean CV loss at the selected hyperparameters.
+    n_features_in_ : int
+        Number of features seen by :meth:`fit`.
+
+    See Also
+    --------
+    dargmin.hyper.optimize_hyperparameters : The search this estimator runs.
+    WeightedLassoHyperCV : One ``alpha`` per feature.
 
     Examples
     --------
     >>> from sklearn.datasets import make_regression
+    >>> from dargmin.hyper import ImplicitSupport, LBFGSB
     >>> X, y = make_regression(60, 20, n_informative=4, noise=5.0, random_state=0)
-    >>> est = LassoHyperCV(cv=3).fit(X, y)
+    >>> est = LassoHyperCV(cv=3, method=ImplicitSupport(), optimizer=LBFGSB()).fit(X, y)
     >>> est.alpha_ > 0, est.score(X, y) > 0.9
     (True, True)
     """
-    )
 
     def __init__(
         self,
@@ -246,23 +282,66 @@ class LassoHyperCV(_Regressor):
 
 
 class ElasticNetHyperCV(_Regressor):
-    (
-        """Elastic net with ``(alpha, l1_ratio)`` tuned by hypergradient descent on the CV error.
+    """Elastic net with ``(alpha, l1_ratio)`` tuned by hypergradient descent on the CV error.
 
-    Internally ``‖y − Xw − b‖²/(2n) + λ‖w‖₁ + ½μ‖w‖²`` with ``(log λ, log μ)`` optimized;
-    in scikit-learn's parametrization ``alpha_ = λ + μ`` and ``l1_ratio_ = λ / alpha_``.
-    """
-        + _COMMON_PARAMS_DOC
-        + """
+    Internally ``‖y − Xw − b‖²/(2n) + λ‖w‖₁ + ½μ‖w‖²`` with ``(log λ, log μ)`` optimized,
+    starting from the single-``alpha`` Lasso optimum (``max_iter_lasso`` iterations) with a
+    negligible ℓ2 term; in scikit-learn's parametrization ``alpha_ = λ + μ`` and
+    ``l1_ratio_ = λ / alpha_``.
+
+    Parameters
+    ----------
+    cv : int or cross-validation splitter, default=5
+        Folds of the criterion, :class:`~dargmin.hyper.CrossVal` (mean held-out loss).
+    method : str or HypergradientMethod, default="implicit"
+        Hypergradient method: an object (:class:`~dargmin.hyper.ImplicitSupport`,
+        :class:`~dargmin.hyper.ImplicitForward`, :class:`~dargmin.hyper.Unrolled`) or a
+        name of :data:`~dargmin.hyper.REGISTRY` ("implicit", "implicit_forward",
+        "forward", "reverse").
+    optimizer : str, optimizer object or optax optimizer, default="gd"
+        Outer optimizer: :class:`~dargmin.hyper.ProjectedGradientDescent` ("gd"),
+        :class:`~dargmin.hyper.LBFGSB` ("lbfgs"), :class:`~dargmin.hyper.OptaxOptimizer`
+        or an ``optax.GradientTransformation``.
+    solver : str or InnerSolver, default="auto"
+        Inner solver: an object (:class:`~dargmin.hyper.ProxCD`,
+        :class:`~dargmin.hyper.FISTA`, :class:`~dargmin.hyper.SklearnSolver`...) or a name
+        ("auto", "cd", "fista", "ista", "sklearn", "direct"); "auto" is
+        :func:`~dargmin.hyper.default_solver`.
+    max_iter : int, default=30
+        Maximal number of outer iterations.
+    fit_intercept : bool, default=True
+        Fit an unpenalized intercept.
+    verbose : bool, default=False
+        Show a tqdm progress bar.
     max_iter_lasso : int, default=20
         Outer iterations of the initial single-``alpha`` Lasso search.
 
     Attributes
     ----------
-    alpha_, l1_ratio_ : float
-        Selected parameters (scikit-learn's ``ElasticNet`` convention).
-    coef_, intercept_, path_, n_iter_, cv_score_
-        As in :class:`LassoHyperCV`.
+    alpha_ : float
+        Selected ``alpha`` (scikit-learn's ``ElasticNet`` convention).
+    l1_ratio_ : float
+        Selected ``l1_ratio``.
+    coef_ : ndarray of shape (n_features,)
+        Coefficients refit on all the data at the selected hyperparameters.
+    intercept_ : float
+        Intercept of the refit (0 when ``fit_intercept=False``).
+    log_theta_ : ndarray of shape (n_hyper,)
+        Selected hyperparameters in log scale.
+    path_ : dargmin.hyper.Monitor
+        Every evaluation of the outer search (time, log θ, CV loss, gradient norm).
+    n_iter_ : int
+        Outer iterations.
+    n_evals_ : int
+        Criterion evaluations (each solves ``cv`` inner problems).
+    cv_score_ : float
+        Mean CV loss at the selected hyperparameters.
+    n_features_in_ : int
+        Number of features seen by :meth:`fit`.
+
+    See Also
+    --------
+    LassoHyperCV : The ℓ1-only model.
 
     Examples
     --------
@@ -272,7 +351,6 @@ class ElasticNetHyperCV(_Regressor):
     >>> 0 < est.l1_ratio_ < 1
     True
     """
-    )
 
     def __init__(
         self,
@@ -311,15 +389,37 @@ class ElasticNetHyperCV(_Regressor):
 
 
 class WeightedLassoHyperCV(_Regressor):
-    (
-        """Weighted Lasso with one penalty per feature, tuned by hypergradient descent.
+    """Weighted Lasso with one penalty per feature, tuned by hypergradient descent.
 
     ``‖y − Xw − b‖²/(2n) + Σⱼ αⱼ|wⱼ|`` with the ``p`` values ``log αⱼ`` optimized on the CV
     error (a search no grid can do). The search starts from the single-``alpha`` optimum
-    found by :class:`LassoHyperCV`'s procedure (``max_iter_lasso`` iterations).
-    """
-        + _COMMON_PARAMS_DOC
-        + """
+    found by :class:`LassoHyperCV`'s procedure (``max_iter_lasso`` iterations);
+    ``path_``, ``n_iter_`` and ``n_evals_`` cover the per-feature phase only.
+
+    Parameters
+    ----------
+    cv : int or cross-validation splitter, default=5
+        Folds of the criterion, :class:`~dargmin.hyper.CrossVal` (mean held-out loss).
+    method : str or HypergradientMethod, default="implicit"
+        Hypergradient method: an object (:class:`~dargmin.hyper.ImplicitSupport`,
+        :class:`~dargmin.hyper.ImplicitForward`, :class:`~dargmin.hyper.Unrolled`) or a
+        name of :data:`~dargmin.hyper.REGISTRY` ("implicit", "implicit_forward",
+        "forward", "reverse").
+    optimizer : str, optimizer object or optax optimizer, default="gd"
+        Outer optimizer: :class:`~dargmin.hyper.ProjectedGradientDescent` ("gd"),
+        :class:`~dargmin.hyper.LBFGSB` ("lbfgs"), :class:`~dargmin.hyper.OptaxOptimizer`
+        or an ``optax.GradientTransformation``.
+    solver : str or InnerSolver, default="auto"
+        Inner solver: an object (:class:`~dargmin.hyper.ProxCD`,
+        :class:`~dargmin.hyper.FISTA`, :class:`~dargmin.hyper.SklearnSolver`...) or a name
+        ("auto", "cd", "fista", "ista", "sklearn", "direct"); "auto" is
+        :func:`~dargmin.hyper.default_solver`.
+    max_iter : int, default=30
+        Maximal number of outer iterations.
+    fit_intercept : bool, default=True
+        Fit an unpenalized intercept.
+    verbose : bool, default=False
+        Show a tqdm progress bar.
     max_iter_lasso : int, default=20
         Outer iterations of the initial single-``alpha`` search.
 
@@ -327,8 +427,26 @@ class WeightedLassoHyperCV(_Regressor):
     ----------
     alphas_ : ndarray of shape (n_features,)
         Selected per-feature penalties.
-    coef_, intercept_, path_, n_iter_, cv_score_
-        As in :class:`LassoHyperCV` (``path_`` covers the per-feature phase).
+    coef_ : ndarray of shape (n_features,)
+        Coefficients refit on all the data at the selected hyperparameters.
+    intercept_ : float
+        Intercept of the refit (0 when ``fit_intercept=False``).
+    log_theta_ : ndarray of shape (n_hyper,)
+        Selected hyperparameters in log scale.
+    path_ : dargmin.hyper.Monitor
+        Every evaluation of the outer search (time, log θ, CV loss, gradient norm).
+    n_iter_ : int
+        Outer iterations.
+    n_evals_ : int
+        Criterion evaluations (each solves ``cv`` inner problems).
+    cv_score_ : float
+        Mean CV loss at the selected hyperparameters.
+    n_features_in_ : int
+        Number of features seen by :meth:`fit`.
+
+    See Also
+    --------
+    LassoHyperCV : A single ``alpha``.
 
     Examples
     --------
@@ -337,7 +455,6 @@ class WeightedLassoHyperCV(_Regressor):
     >>> WeightedLassoHyperCV(cv=3, max_iter=5).fit(X, y).alphas_.shape
     (10,)
     """
-    )
 
     def __init__(
         self,
@@ -371,22 +488,64 @@ class WeightedLassoHyperCV(_Regressor):
 
 
 class RidgeHyperCV(_Regressor):
-    (
-        """Ridge regression with ``alpha`` tuned by hypergradient descent (via dargmin.argmin).
+    """Ridge regression with ``alpha`` tuned by hypergradient descent on the CV error.
 
     Internally ``‖y − Xw − b‖²/(2n) + ½μ‖w‖²`` (``μ`` is per-sample normalized, so one
     value means the same regularization on every CV fold); ``alpha_ = n μ`` is reported in
     scikit-learn's ``Ridge`` convention ``‖y − Xw − b‖² + alpha‖w‖²`` for the ``n`` samples
-    of the final refit (on a fold of ``n_k`` samples the equivalent is ``n_k μ``).
-    """
-        + _COMMON_PARAMS_DOC
-        + """
+    of the final refit (on a fold of ``n_k`` samples the equivalent is ``n_k μ``). The
+    inner problem is smooth: "auto" solves it exactly (:class:`~dargmin.hyper.RidgeDirect`)
+    and the implicit hypergradient uses the whole Hessian.
+
+    Parameters
+    ----------
+    cv : int or cross-validation splitter, default=5
+        Folds of the criterion, :class:`~dargmin.hyper.CrossVal` (mean held-out loss).
+    method : str or HypergradientMethod, default="implicit"
+        Hypergradient method: an object (:class:`~dargmin.hyper.ImplicitSupport`,
+        :class:`~dargmin.hyper.ImplicitForward`, :class:`~dargmin.hyper.Unrolled`) or a
+        name of :data:`~dargmin.hyper.REGISTRY` ("implicit", "implicit_forward",
+        "forward", "reverse").
+    optimizer : str, optimizer object or optax optimizer, default="gd"
+        Outer optimizer: :class:`~dargmin.hyper.ProjectedGradientDescent` ("gd"),
+        :class:`~dargmin.hyper.LBFGSB` ("lbfgs"), :class:`~dargmin.hyper.OptaxOptimizer`
+        or an ``optax.GradientTransformation``.
+    solver : str or InnerSolver, default="auto"
+        Inner solver: an object (:class:`~dargmin.hyper.ProxCD`,
+        :class:`~dargmin.hyper.FISTA`, :class:`~dargmin.hyper.SklearnSolver`...) or a name
+        ("auto", "cd", "fista", "ista", "sklearn", "direct"); "auto" is
+        :func:`~dargmin.hyper.default_solver`.
+    max_iter : int, default=30
+        Maximal number of outer iterations.
+    fit_intercept : bool, default=True
+        Fit an unpenalized intercept.
+    verbose : bool, default=False
+        Show a tqdm progress bar.
+
     Attributes
     ----------
     alpha_ : float
         Selected strength, scikit-learn ``Ridge`` convention.
-    coef_, intercept_, path_, n_iter_, cv_score_
-        As in :class:`LassoHyperCV`.
+    coef_ : ndarray of shape (n_features,)
+        Coefficients refit on all the data at the selected hyperparameters.
+    intercept_ : float
+        Intercept of the refit (0 when ``fit_intercept=False``).
+    log_theta_ : ndarray of shape (n_hyper,)
+        Selected hyperparameters in log scale.
+    path_ : dargmin.hyper.Monitor
+        Every evaluation of the outer search (time, log θ, CV loss, gradient norm).
+    n_iter_ : int
+        Outer iterations.
+    n_evals_ : int
+        Criterion evaluations (each solves ``cv`` inner problems).
+    cv_score_ : float
+        Mean CV loss at the selected hyperparameters.
+    n_features_in_ : int
+        Number of features seen by :meth:`fit`.
+
+    See Also
+    --------
+    sklearn.linear_model.RidgeCV : Grid search with efficient leave-one-out.
 
     Examples
     --------
@@ -395,7 +554,6 @@ class RidgeHyperCV(_Regressor):
     >>> RidgeHyperCV(cv=3).fit(X, y).alpha_ > 0
     True
     """
-    )
 
     def __init__(
         self,
