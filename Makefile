@@ -18,6 +18,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check src tests examples benchmarks conftest.py docs/_ext
 	$(PY) -m ruff format --check src tests examples benchmarks conftest.py docs/_ext
+	$(PY) -m mypy
 	$(PY) -m pytest -n 2 -q
 
 # The documentation site (mkdocs-material + mkdocstrings), built into site/.
@@ -28,6 +29,7 @@ docs: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check src tests examples benchmarks conftest.py docs/_ext
 	$(PY) -m ruff format --check src tests examples benchmarks conftest.py docs/_ext
+	$(PY) -m mypy
 
 format: $(STAMP)
 	$(PY) -m ruff format src tests examples benchmarks conftest.py docs/_ext

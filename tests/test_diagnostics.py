@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import jax
@@ -264,3 +265,28 @@ def test_float32_default_tolerance_refuses_a_derivative_percent_off():
     converged = jax.jacfwd(gradient_descent(3000), 1)(init, lam)
     # float32: the derivative of a converged float32 solve is good to ~1e-5 here.
     np.testing.assert_allclose(converged, truth, rtol=1e-4, atol=1e-4 * np.abs(truth).max())
+
+
+def test_matrix_free_check_measures_a_small_newton_step_to_one_digit():
+    # The check's loose CG once kept an absolute floor of 1e-3·0.1 = 1e-4 and stopped after
+    # one step: a solution 1e-2 from the root (limit 1e-4·‖x‖) passed under CG.
+    rng = np.random.default_rng(3)
+    r = rng.normal(size=(100, 100))
+    a = jnp.asarray(r @ r.T / 100 + np.eye(100))
+    c = jnp.asarray(rng.normal(size=100))
+    x_star = jnp.linalg.solve(a, c)
+    offset = jnp.asarray(rng.normal(size=100))
+    offset = 1e-2 * offset / jnp.linalg.norm(offset)
+
+    def f(x, c):
+        return 0.5 * x @ a @ x - c @ x
+
+    @dargmin.argmin(f, linear_solver="cg")
+    def solve(init, c):
+        return x_star + offset
+
+    with pytest.raises(dargmin.NonStationaryPointError) as info:
+        jax.jacfwd(solve, 1)(None, c)
+    assert dargmin.failure_reason(info.value) == "not_stationary"
+    step = float(re.search(r"g‖ = ([0-9.e+-]+), above", str(info.value)).group(1))
+    np.testing.assert_allclose(step, 1e-2, rtol=0.1)  # the exact Newton step is the offset

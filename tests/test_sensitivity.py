@@ -5,6 +5,9 @@ dargmin.argmin, the chain rule, and the explicit sandwich covariance."""
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +16,7 @@ from jax.flatten_util import ravel_pytree
 
 import dargmin
 from dargmin import sensitivity
+from dargmin.diagnostics import failure_reason
 
 LAM = 1.0
 
@@ -304,10 +308,11 @@ def test_jackknife_variance_is_sandwich_diagonal():
 
 def test_non_stationary_params_raise():
     x, y, theta = _ridge(40)
-    with pytest.raises(dargmin.NonStationaryPointError, match="not a stationary point"):
+    with pytest.raises(dargmin.NonStationaryPointError, match="not a stationary point") as err:
         sensitivity.influence_on_params(
             squared_loss, theta + 0.1, (x, y), regularizer=ridge_penalty
         )
+    assert failure_reason(err.value) == "not_stationary"
     with pytest.warns(dargmin.DargminWarning):
         sensitivity.influence_on_params(
             squared_loss, theta + 0.1, (x, y), regularizer=ridge_penalty, check="warn"
@@ -318,8 +323,10 @@ def test_singular_hessian_raises():
     # Unregularized least squares with more parameters than examples: flat directions.
     x, y, _ = _ridge(3)
     theta = jnp.linalg.lstsq(x, y)[0]
-    with pytest.raises(dargmin.SingularSystemError, match="singular"):
+    with pytest.raises(dargmin.SingularSystemError, match="singular") as err:
         sensitivity.approximate_leave_one_out(squared_loss, theta, (x, y))
+    # Rank 3 of 5: exactly singular, numerically a condition number of ~1e16 or inf.
+    assert failure_reason(err.value) in ("singular", "ill_conditioned")
 
 
 def test_bad_arguments():
@@ -334,3 +341,337 @@ def test_bad_arguments():
         sensitivity.influence_on_params(
             squared_loss, theta, (x, y), regularizer=ridge_penalty, linear_solver="qr"
         )
+
+
+# ----------------------------------------------------------------------------- NaN / inf
+
+
+def _ridge_call(name, x, y, theta, **kwargs):
+    """Every public function (and the solver paths of leave-one-out) on the ridge problem."""
+    data = (x, y)
+    kw = {"regularizer": ridge_penalty, **kwargs}
+    calls = {
+        "influence_on_params": lambda: sensitivity.influence_on_params(
+            squared_loss, theta, data, **kw
+        ),
+        "influence_on_function": lambda: sensitivity.influence_on_function(
+            jnp.sum, squared_loss, theta, data, **kw
+        ),
+        "infinitesimal_jackknife": lambda: sensitivity.infinitesimal_jackknife(
+            squared_loss, theta, data, **kw
+        ),
+        "jackknife_variance": lambda: sensitivity.jackknife_variance(
+            squared_loss, theta, data, **kw
+        ),
+        "alo_newton": lambda: sensitivity.approximate_leave_one_out(
+            squared_loss, theta, data, **kw
+        ),
+        "alo_woodbury": lambda: sensitivity.approximate_leave_one_out(
+            squared_loss, theta, data, hessian_rank=1, **kw
+        ),
+        "alo_cg": lambda: sensitivity.approximate_leave_one_out(
+            squared_loss, theta, data, linear_solver="cg", **kw
+        ),
+        "approximate_cv_error": lambda: sensitivity.approximate_cv_error(
+            squared_loss, theta, data, **kw
+        ),
+    }
+    return calls[name]()
+
+
+ALL_CALLS = [
+    "influence_on_params",
+    "influence_on_function",
+    "infinitesimal_jackknife",
+    "jackknife_variance",
+    "alo_newton",
+    "alo_woodbury",
+    "alo_cg",
+    "approximate_cv_error",
+]
+
+
+@pytest.mark.parametrize("check", ["raise", "ignore"])
+@pytest.mark.parametrize("name", ALL_CALLS)
+def test_nonfinite_data_names_the_leaf_and_examples(name, check):
+    # Before: numpy's "LinAlgError: Eigenvalues did not converge" (or, for CG with
+    # check="ignore", a silent result).
+    x, y, theta = _ridge(40)
+    x = x.at[7, 2].set(jnp.nan).at[31, 0].set(jnp.nan)
+    with pytest.raises(dargmin.NonStationaryPointError) as err:
+        _ridge_call(name, x, y, theta, check=check)
+    message = str(err.value)
+    assert failure_reason(err.value) == "nonfinite"
+    assert message.endswith("[reason: nonfinite]")
+    assert "data[0] holds 2 non-finite values (2 NaN, 0 ±inf) among its 200 entries" in message
+    assert "in 2 of 40 examples (first: [7, 31])" in message
+    assert "the gradient of the loss is not finite for 2 of 40 examples" in message
+    assert "data[1]" not in message and "params holds" not in message
+
+
+def test_nonfinite_targets_and_params_are_named():
+    x, y, theta = _ridge(40)
+    with pytest.raises(dargmin.NonStationaryPointError, match="nonfinite") as err:
+        sensitivity.influence_on_params(
+            squared_loss, theta, (x, y.at[3].set(-jnp.inf)), regularizer=ridge_penalty
+        )
+    assert "data[1] holds 1 non-finite value (0 NaN, 1 ±inf) among its 40 entries" in str(err.value)
+    assert "(first: [3])" in str(err.value)
+    params = {"coef": theta, "scale": jnp.array([1.0, jnp.nan])}
+
+    def loss(p, example):
+        return squared_loss(p["coef"], example) + 0.5 * jnp.sum(p["scale"] ** 2)
+
+    with pytest.raises(dargmin.NonStationaryPointError) as err:
+        sensitivity.approximate_leave_one_out(loss, params, (x, y))
+    assert failure_reason(err.value) == "nonfinite"
+    assert "params['scale'] holds 1 non-finite value (1 NaN, 0 ±inf) among its 2" in str(err.value)
+
+
+def test_nonfinite_derivatives_of_finite_inputs():
+    x, y, theta = _ridge(40)
+
+    def sqrt_loss(t, example):  # value, gradient and Hessian NaN: sqrt of a negative
+        return squared_loss(t, example) + 0.0 * jnp.sqrt(t[0] - 10.0)
+
+    for check, solver in (("raise", "auto"), ("ignore", "cg")):
+        with pytest.raises(dargmin.NonStationaryPointError) as err:
+            sensitivity.influence_on_params(
+                sqrt_loss,
+                theta,
+                (x, y),
+                regularizer=ridge_penalty,
+                check=check,
+                linear_solver=solver,
+            )
+        assert failure_reason(err.value) == "nonfinite"
+        assert "the gradient of the loss is not finite for 40 of 40 examples" in str(err.value)
+        assert "Every input is finite: the loss itself" in str(err.value)
+
+    # Finite gradient (zero), non-finite Hessian: d²/dt² |t - t̂|^1.5 = inf·0 at t = t̂.
+    anchor = float(theta[0])
+
+    def kinked_loss(t, example):
+        return squared_loss(t, example) + 1e-30 * jnp.abs(t[0] - anchor) ** 1.5
+
+    with pytest.raises(dargmin.SingularSystemError) as err:
+        sensitivity.approximate_leave_one_out(kinked_loss, theta, (x, y), regularizer=ridge_penalty)
+    assert failure_reason(err.value) == "nonfinite"
+    assert "the Hessian of the objective has" in str(err.value)
+    assert "gradient" not in str(err.value)
+
+    # A regularizer with a non-finite gradient is named as such.
+    with pytest.raises(dargmin.NonStationaryPointError) as err:
+        sensitivity.influence_on_params(
+            squared_loss,
+            theta,
+            (x, y),
+            regularizer=lambda t: ridge_penalty(t) + 0.0 * jnp.sqrt(-(t[1] ** 2) - 1.0),
+        )
+    assert "the gradient of the regularizer has 1 non-finite entry of 5" in str(err.value)
+    assert "the regularizer itself" in str(err.value)
+
+
+def test_nonfinite_value_with_finite_derivatives_and_unused_nan_leaf_are_fine():
+    # NaN where the derivatives never look is no error: the exact refits are the truth.
+    x, y, theta = _ridge(40)
+    exact = _ridge_exact_loo(x, y)
+    ids = jnp.where(jnp.arange(40) == 5, jnp.nan, 1.0)
+
+    def dict_loss(t, example):  # ignores example["id"]; its value is NaN everywhere
+        return squared_loss(t, (example["x"], example["y"])) + 0.0 * jnp.log(-1.0)
+
+    alo = sensitivity.approximate_leave_one_out(
+        dict_loss, theta, {"x": x, "y": y, "id": ids}, regularizer=ridge_penalty
+    )
+    np.testing.assert_allclose(alo, exact, rtol=0, atol=1e-10)
+
+
+def test_nonfinite_fn_in_influence_on_function():
+    x, y, theta = _ridge(40)
+    with pytest.raises(dargmin.DargminError, match="Jacobian of fn") as err:
+        sensitivity.influence_on_function(
+            lambda t: jnp.sqrt(t[0] - 10.0), squared_loss, theta, (x, y), regularizer=ridge_penalty
+        )
+    assert failure_reason(err.value) == "nonfinite"
+    assert "1 non-finite entry of 5" in str(err.value)
+
+
+# ----------------------------------------------------------------------------- saddles
+
+
+def saddle_loss(theta, z):
+    # Stationary at θ = (z̄, z̄); Hessian diag(n, -n): a saddle.
+    return 0.5 * (theta[0] - z) ** 2 - 0.5 * (theta[1] - z) ** 2
+
+
+SADDLE_DATA = jnp.array([0.0, 1.0, 5.0])
+SADDLE_THETA = jnp.full(2, jnp.mean(SADDLE_DATA))
+
+
+def test_saddle_is_refused_with_its_eigenvalues():
+    with pytest.raises(dargmin.SingularSystemError, match=r"in \[-3, 3\]") as err:
+        sensitivity.influence_on_params(saddle_loss, SADDLE_THETA, SADDLE_DATA)
+    assert failure_reason(err.value) == "not_minimum"
+    # check="ignore": Cholesky fails on the indefinite H, the LU fallback gives -H⁻¹g_i.
+    influence = sensitivity.influence_on_params(
+        saddle_loss, SADDLE_THETA, SADDLE_DATA, check="ignore"
+    )
+    h = np.diag([3.0, -3.0])
+    g = np.stack([SADDLE_THETA[0] - SADDLE_DATA, -(SADDLE_THETA[1] - SADDLE_DATA)], axis=1)
+    np.testing.assert_allclose(influence, -np.linalg.solve(h, g.T).T, rtol=1e-12)
+
+
+def test_woodbury_names_an_indefinite_or_singular_hessian():
+    # The Woodbury path factorizes H by Cholesky: before, NaNs from the failed
+    # factorization were reported as "H - H_i singular for 3 of 3 examples".
+    with pytest.raises(dargmin.SingularSystemError, match=r"in \[-3, 3\]") as err:
+        sensitivity.approximate_leave_one_out(
+            saddle_loss, SADDLE_THETA, SADDLE_DATA, hessian_rank=2, check="ignore"
+        )
+    assert failure_reason(err.value) == "not_minimum"
+    assert "not positive definite" in str(err.value)
+
+    def flat_loss(theta, z):  # θ₁ unconstrained: H = diag(3, 0)
+        return 0.5 * (theta[0] - z) ** 2
+
+    with pytest.raises(dargmin.SingularSystemError, match=r"in \[0, 3\]") as err:
+        sensitivity.approximate_leave_one_out(
+            flat_loss, SADDLE_THETA, SADDLE_DATA, hessian_rank=1, check="ignore"
+        )
+    assert failure_reason(err.value) == "singular"
+    with pytest.raises(dargmin.SingularSystemError, match=r"in \[0, 3\]") as err:
+        sensitivity.influence_on_params(flat_loss, SADDLE_THETA, SADDLE_DATA, check="ignore")
+    assert failure_reason(err.value) == "singular"
+
+
+# ----------------------------------------------------------------------------- data frames
+
+
+class FrameLike:
+    """The part of a pandas DataFrame that dargmin uses: to_numpy() and dtypes."""
+
+    def __init__(self, values):
+        self._values = np.asarray(values)
+        self.dtypes = {f"c{j}": self._values.dtype for j in range(self._values.shape[1])}
+
+    def to_numpy(self, dtype=None, na_value=None):
+        return self._values.astype(dtype) if dtype is not None else self._values.copy()
+
+
+def test_frame_like_data_is_converted():
+    x, y, theta = _ridge(40)
+    alo = sensitivity.approximate_leave_one_out(
+        squared_loss, theta, (FrameLike(x), y), regularizer=ridge_penalty
+    )
+    np.testing.assert_allclose(alo, _ridge_exact_loo(x, y), rtol=0, atol=1e-10)
+    with pytest.raises(TypeError, match=r"data\[1\] has the non-numeric dtype object"):
+        sensitivity.influence_on_params(
+            squared_loss, theta, (x, np.asarray(y).astype(object)), regularizer=ridge_penalty
+        )
+
+
+def test_pandas_data():
+    pd = pytest.importorskip("pandas")
+    x, y, theta = _ridge(40)
+    frame = pd.DataFrame(np.asarray(x), columns=[f"x{j}" for j in range(5)])
+    target = pd.Series(np.asarray(y), name="y")
+    calls = [
+        lambda d: sensitivity.approximate_leave_one_out(
+            squared_loss, theta, d, regularizer=ridge_penalty
+        ),
+        lambda d: sensitivity.influence_on_params(
+            squared_loss, theta, d, regularizer=ridge_penalty
+        ),
+        lambda d: sensitivity.approximate_cv_error(
+            squared_loss, theta, d, regularizer=ridge_penalty
+        ),
+    ]
+    for call in calls:
+        from_frame = call((frame, target))
+        np.testing.assert_array_equal(from_frame, call((frame.to_numpy(), target.to_numpy())))
+    np.testing.assert_allclose(calls[0]((frame, target)), _ridge_exact_loo(x, y), atol=1e-10)
+
+    # A whole DataFrame as data, rows as examples.
+    table = frame.assign(y=target)
+
+    def row_loss(t, row):
+        return 0.5 * (row[:5] @ t - row[5]) ** 2
+
+    np.testing.assert_allclose(
+        sensitivity.approximate_leave_one_out(row_loss, theta, table, regularizer=ridge_penalty),
+        _ridge_exact_loo(x, y),
+        atol=1e-10,
+    )
+    with pytest.raises(
+        TypeError, match=r"data\[0\] is a DataFrame with non-numeric column\(s\) 'name'"
+    ):
+        sensitivity.influence_on_params(
+            squared_loss, theta, (frame.assign(name="a"), target), regularizer=ridge_penalty
+        )
+    # Nullable dtypes: missing values become NaN, then named like any NaN.
+    holey = frame.astype("Float64")
+    holey.iloc[4, 1] = pd.NA
+    with pytest.raises(dargmin.NonStationaryPointError, match=r"data\[0\] holds 1 non-finite"):
+        sensitivity.influence_on_params(
+            squared_loss, theta, (holey, target), regularizer=ridge_penalty
+        )
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def _fit_with_fresh_loss(traces: list):
+    """Define a new loss and regularizer, use them twice, and return weak references."""
+
+    def loss(mu, z):
+        traces.append("loss")
+        return 0.5 * (mu - z) ** 2
+
+    def penalty(mu):
+        return 0.5 * mu**2
+
+    data = jnp.array([0.0, 1.0, 5.0])
+    mu = jnp.sum(data) / 4.0  # minimizer of Σ½(μ - z)² + ½μ²
+    first = sensitivity.influence_on_params(loss, mu, data, regularizer=penalty)
+    traced = len(traces)
+    second = sensitivity.influence_on_params(loss, mu, data, regularizer=penalty)
+    assert len(traces) == traced > 0  # the second call reuses the compiled code
+    # dμ̂/dw_i = -(μ̂ - z_i) / (n + 1)
+    np.testing.assert_allclose(first, -(mu - data) / 4.0, rtol=1e-12)
+    np.testing.assert_array_equal(first, second)
+    return weakref.ref(loss), weakref.ref(penalty)
+
+
+def test_dropped_loss_is_garbage_collected_with_its_compiled_code():
+    # Before, jax.jit's cache of static arguments held every loss (and ~11 MB of
+    # executables each) for the life of the process.
+    traces = []
+    loss_ref, penalty_ref = _fit_with_fresh_loss(traces)
+    gc.collect()
+    assert loss_ref() is None
+    assert penalty_ref() is None
+
+
+def test_bound_method_loss_is_reused_then_collected():
+    class Model:
+        def __init__(self):
+            self.traces = 0
+
+        def loss(self, mu, z):
+            self.traces += 1
+            return 0.5 * (mu - z) ** 2
+
+    model = Model()
+    data = jnp.array([0.0, 1.0, 5.0])
+    # A new bound-method object at each access: the compiled code is still reused.
+    first = sensitivity.influence_on_params(model.loss, jnp.mean(data), data)
+    traced = model.traces
+    second = sensitivity.influence_on_params(model.loss, jnp.mean(data), data)
+    assert model.traces == traced > 0
+    np.testing.assert_array_equal(first, second)
+    np.testing.assert_allclose(first, (data - jnp.mean(data)) / 3, rtol=1e-12)
+    model_ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert model_ref() is None

@@ -8,11 +8,13 @@ dense helper :func:`spectrum_dense`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
+
+from dargmin.typing import DTypeLike, FlatMatvec, Matrix, Matvec, PRNGKey, PyTree, Scalar, Vector
 
 __all__ = [
     "EigenEstimate",
@@ -21,9 +23,6 @@ __all__ = [
     "lanczos_extreme_eigenvalues",
     "spectrum_dense",
 ]
-
-PyTree = Any
-FlatMatvec = Callable[[jax.Array], jax.Array]
 
 
 class EigenEstimate(NamedTuple):
@@ -47,17 +46,17 @@ class EigenEstimate(NamedTuple):
         Same for the largest pairs.
     """
 
-    smallest: jax.Array
-    largest: jax.Array
-    smallest_residuals: jax.Array
-    largest_residuals: jax.Array
+    smallest: Vector
+    largest: Vector
+    smallest_residuals: Vector
+    largest_residuals: Vector
     smallest_vectors: PyTree
     largest_vectors: PyTree
 
 
 def _flatten_operator(
-    matvec: Callable[[PyTree], PyTree], example: PyTree
-) -> tuple[FlatMatvec, jax.Array, Callable[[jax.Array], PyTree]]:
+    matvec: Matvec, example: PyTree
+) -> tuple[FlatMatvec, Vector, Callable[[Vector], PyTree]]:
     flat_example, unravel = ravel_pytree(example)
 
     def flat_matvec(flat_v: jax.Array) -> jax.Array:
@@ -75,7 +74,7 @@ def _orthogonalize(w: jax.Array, basis: jax.Array) -> jax.Array:
 
 
 def lanczos_extreme_eigenvalues(
-    matvec: Callable[[PyTree], PyTree],
+    matvec: Matvec,
     v0: PyTree,
     *,
     k: int = 1,
@@ -228,8 +227,8 @@ def lanczos_extreme_eigenvalues(
 
 
 def _probe_setup(
-    matvec: Callable[[PyTree], PyTree], dim_or_example: int | PyTree, dtype: Any
-) -> tuple[FlatMatvec, int, Any]:
+    matvec: Matvec, dim_or_example: int | PyTree, dtype: DTypeLike | None
+) -> tuple[FlatMatvec, int, DTypeLike]:
     if isinstance(dim_or_example, int):
         probe_dtype = jnp.dtype(dtype) if dtype is not None else jnp.result_type(float)
         return matvec, dim_or_example, probe_dtype
@@ -238,13 +237,13 @@ def _probe_setup(
 
 
 def hutchinson_trace(
-    matvec: Callable[[PyTree], PyTree],
+    matvec: Matvec,
     dim_or_example: int | PyTree,
-    key: jax.Array,
+    key: PRNGKey,
     num_samples: int = 64,
     *,
-    dtype: Any = None,
-) -> jax.Array:
+    dtype: DTypeLike | None = None,
+) -> Scalar:
     r"""Hutchinson's stochastic trace estimator with Rademacher probes.
 
     .. math:: \widehat{\operatorname{tr}}(A) = \frac1s \sum_{i=1}^s z_i^\top A z_i,
@@ -287,13 +286,13 @@ def hutchinson_trace(
 
 
 def hutch_plus_plus_trace(
-    matvec: Callable[[PyTree], PyTree],
+    matvec: Matvec,
     dim_or_example: int | PyTree,
-    key: jax.Array,
+    key: PRNGKey,
     num_matvecs: int = 60,
     *,
-    dtype: Any = None,
-) -> jax.Array:
+    dtype: DTypeLike | None = None,
+) -> Scalar:
     r"""Hutch++ trace estimator (Meyer, Musco, Musco & Woodruff, 2021).
 
     With a budget of :math:`m` matvecs, let :math:`r = \lfloor m/3 \rfloor` and
@@ -360,11 +359,11 @@ def hutch_plus_plus_trace(
 
 
 def spectrum_dense(
-    matrix_or_matvec: jax.Array | Callable[[jax.Array], jax.Array],
+    matrix_or_matvec: Matrix | FlatMatvec,
     n: int | None = None,
     *,
-    dtype: Any = None,
-) -> jax.Array:
+    dtype: DTypeLike | None = None,
+) -> Vector:
     r"""All eigenvalues (ascending) of a small symmetric operator, by dense ``eigvalsh``.
 
     A matvec is materialized column by column, :math:`A = [A e_1, \dots, A e_n]` (one

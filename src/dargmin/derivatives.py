@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from typing import Any, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 import equinox as eqx
 import jax
@@ -20,6 +20,7 @@ import lineax as lx
 from jax.flatten_util import ravel_pytree
 
 from dargmin.linear_solvers import two_norm
+from dargmin.typing import BoolScalar, IntScalar, Matvec, PyTree, Scalar
 
 __all__ = [
     "CGSolution",
@@ -31,11 +32,10 @@ __all__ = [
     "solve_cg",
 ]
 
-PyTree = Any
 JacobianMode = Literal["auto", "forward", "reverse"]
 
 
-def hessian_vector_product(f: Callable[..., jax.Array], x: PyTree, v: PyTree, *args: Any) -> PyTree:
+def hessian_vector_product(f: Callable[..., Scalar], x: PyTree, v: PyTree, *args: PyTree) -> PyTree:
     r"""Hessian-vector product :math:`\nabla^2_x f(x, *args)\, v` by forward-over-reverse.
 
     Computes :math:`\frac{d}{dt} \nabla_x f(x + t v, *args)\big|_{t=0}` with one ``jax.jvp``
@@ -74,7 +74,7 @@ def hessian_vector_product(f: Callable[..., jax.Array], x: PyTree, v: PyTree, *a
 
 def gauss_newton_vector_product(
     f: Callable[[PyTree], PyTree],
-    loss: Callable[[PyTree], jax.Array],
+    loss: Callable[[PyTree], Scalar],
     w: PyTree,
     v: PyTree,
 ) -> PyTree:
@@ -207,7 +207,7 @@ def jvp_from_vjps(f: Callable[[PyTree], PyTree], x: PyTree, v: PyTree) -> tuple[
     return y, vjp_of_vjp(v)[0]
 
 
-def rayleigh_quotient(matvec: Callable[[PyTree], PyTree], v: PyTree) -> jax.Array:
+def rayleigh_quotient(matvec: Matvec, v: PyTree) -> Scalar:
     r"""Rayleigh quotient :math:`\rho(v) = \dfrac{v^\top A v}{v^\top v}`.
 
     For symmetric :math:`A` it lies in :math:`[\lambda_{\min}, \lambda_{\max}]` and equals
@@ -252,8 +252,8 @@ class CGSolution(NamedTuple):
     """
 
     value: PyTree
-    converged: jax.Array
-    num_steps: jax.Array
+    converged: BoolScalar
+    num_steps: IntScalar
 
 
 def _default_rtol(b: PyTree) -> float:
@@ -264,7 +264,7 @@ def _default_rtol(b: PyTree) -> float:
 
 
 def solve_cg_with_info(
-    matvec: Callable[[PyTree], PyTree],
+    matvec: Matvec,
     b: PyTree,
     *,
     rtol: float | None = None,
@@ -284,7 +284,7 @@ def solve_cg_with_info(
 
 
 def _solve_cg_flagged(
-    matvec: Callable[[PyTree], PyTree],
+    matvec: Matvec,
     b: PyTree,
     *,
     rtol: float | None,
@@ -307,7 +307,7 @@ def _solve_cg_flagged(
 
 
 def solve_cg(
-    matvec: Callable[[PyTree], PyTree],
+    matvec: Matvec,
     b: PyTree,
     *,
     rtol: float | None = None,

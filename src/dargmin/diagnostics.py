@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
+import equinox.internal as eqxi
 import jax
 import jax.numpy as jnp
 import lineax as lx
@@ -43,8 +44,10 @@ from dargmin.linear_solvers import (
     Factorization,
     LinearSolver,
     as_linear_solver,
+    default_tolerances,
     factorize,
     operator_tags,
+    with_tolerances,
 )
 
 PyTree = Any
@@ -182,7 +185,18 @@ def measure(
     dtype = flat_x.dtype
     nan = jnp.asarray(jnp.nan, dtype)
     solver = newton_system if newton_system is not None else system
-    newton, failed = solver.solve_unchecked(_like_input(system, flat_r))
+    if positive_definite and _runs_conjugate_gradients(solver):
+        # One batched CG run gives the Newton step and a negative-curvature witness: CG on
+        # the residual alone cannot see a saddle at an exactly stationary point (its
+        # right-hand side is zero), so a fixed pseudo-random probe rides along.
+        newton, failed, witness = _newton_step_and_curvature(solver, flat_r)
+    else:
+        newton, failed = solver.solve_unchecked(_like_input(system, flat_r))
+        witness = nan
+        if positive_definite and not strategy.dense:
+            # GMRES/BiCGStab/LSMR/MINRES ignore definiteness: a short CG run on a probe
+            # looks for a direction of negative curvature (a witness, not a certificate).
+            witness = _curvature_probe(system, flat_r)
     newton_flat = ravel_pytree(newton)[0]
     # A failed (e.g. early-stopped Krylov) solve returns a finite but wrong vector: mark it
     # non-finite so the report names the failure instead of trusting the step.
@@ -195,8 +209,8 @@ def measure(
             # No factorization certifies definiteness (LU/QR/SVD chosen for a minimum): the
             # smallest eigenvalue cannot miss a negative direction, unlike a random probe.
             eigenvalues = jnp.linalg.eigvalsh(0.5 * (matrix + matrix.T))
-            curvature = eigenvalues[0]
             magnitudes = jnp.abs(eigenvalues)
+            curvature = _beyond_rounding(eigenvalues[0], jnp.max(magnitudes), matrix.shape[0])
             condition = jnp.max(magnitudes) / jnp.min(magnitudes)
         else:
             condition = _condition_lower_bound(system, matrix)
@@ -205,13 +219,10 @@ def measure(
                 # eigenvalue needed, to tell a saddle from a singular minimum.
                 factor_failed = ~jnp.all(jnp.isfinite(newton_flat))
                 curvature = jax.lax.cond(
-                    factor_failed,
-                    lambda m: jnp.linalg.eigvalsh(0.5 * (m + m.T))[0],
-                    lambda m: jnp.asarray(jnp.inf, dtype),
-                    matrix,
+                    factor_failed, _smallest_eigenvalue, _certified_by_cholesky, matrix
                 )
     elif positive_definite:
-        curvature = _negative_curvature_witness(solver, flat_r, dtype)
+        curvature = witness
     return Measurements(
         jnp.linalg.norm(flat_r),
         jnp.linalg.norm(flat_x),
@@ -219,6 +230,25 @@ def measure(
         condition,
         curvature,
     )
+
+
+# Module-level branches: jax.lax.cond caches its compilation on the functions' identity, so
+# fresh lambdas would compile (and keep) a new executable at every eager call.
+def _smallest_eigenvalue(matrix: jax.Array) -> jax.Array:
+    eigenvalues = jnp.linalg.eigvalsh(0.5 * (matrix + matrix.T))
+    return _beyond_rounding(eigenvalues[0], jnp.max(jnp.abs(eigenvalues)), matrix.shape[0])
+
+
+def _beyond_rounding(curvature: jax.Array, scale: jax.Array, n: int) -> jax.Array:
+    """``curvature`` if it is negative beyond rounding (``n·eps·scale``), else ``max(·, 0)``:
+    a singular positive semidefinite matrix computes eigenvalues like -1e-16, which must
+    be named singular, not a saddle."""
+    eps = jnp.finfo(curvature.dtype).eps
+    return jnp.where(curvature < -n * eps * scale, curvature, jnp.maximum(curvature, 0.0))
+
+
+def _certified_by_cholesky(matrix: jax.Array) -> jax.Array:
+    return jnp.asarray(jnp.inf, matrix.dtype)
 
 
 def _like_input(system: Factorization, flat: jax.Array) -> PyTree:
@@ -249,17 +279,48 @@ def _condition_lower_bound(system: Factorization, matrix: jax.Array) -> jax.Arra
     return jnp.where(jnp.isfinite(scale), norm_a * scale, jnp.nan)
 
 
-def _negative_curvature_witness(system: Factorization, flat_r: jax.Array, dtype: Any) -> jax.Array:
-    """The smallest Rayleigh quotient met by conjugate gradients (NaN for other solvers):
-    a negative value proves the Hessian is not positive definite."""
-    inner = getattr(system.solver, "inner", system.solver)
-    if not isinstance(inner, ConjugateGradient):
-        return jnp.asarray(jnp.nan, dtype)
+def _curvature_probe(system: Factorization, flat_r: jax.Array) -> jax.Array:
+    probe = jax.random.normal(jax.random.key(0), flat_r.shape, dtype=flat_r.dtype)
+    cg = ConjugateGradient(rtol=0.1, atol=0.0, max_steps=max(2 * flat_r.size, 20))
+    operator = system.operator
+    if not lx.is_positive_semidefinite(operator):
+        operator = lx.TaggedLinearOperator(
+            operator, (lx.symmetric_tag, lx.positive_semidefinite_tag)
+        )
+    sol = lx.linear_solve(operator, _like_input(system, probe), cg, throw=False)
+    curvature = jnp.asarray(sol.stats["min_curvature"], flat_r.dtype)
+    return _beyond_rounding(curvature, _scale(system, probe), probe.size)
+
+
+def _scale(system: Factorization, probe: jax.Array) -> jax.Array:
+    """``‖A p‖/‖p‖``: the scale of the operator seen by a probe (one product)."""
+    image = ravel_pytree(system.operator.mv(_like_input(system, probe)))[0]
+    return jnp.linalg.norm(image) / jnp.linalg.norm(probe)
+
+
+def _runs_conjugate_gradients(system: Factorization) -> bool:
+    return isinstance(getattr(system.solver, "inner", system.solver), ConjugateGradient)
+
+
+def _newton_step_and_curvature(
+    system: Factorization, flat_r: jax.Array
+) -> tuple[PyTree, jax.Array, jax.Array]:
+    """CG on ``[residual, probe]`` in one batched loop: the Newton step, its failure flag and
+    the smallest Rayleigh quotient met (a negative value proves the Hessian indefinite)."""
+    inner = system.solver.inner if isinstance(system.solver, CheckedSolver) else system.solver
     state = system.state[0] if isinstance(system.solver, CheckedSolver) else system.state
-    sol = lx.linear_solve(
-        system.operator, _like_input(system, flat_r), inner, state=state, throw=False
-    )
-    return jnp.asarray(sol.stats["min_curvature"], dtype)
+    probe = jax.random.normal(jax.random.key(0), flat_r.shape, dtype=flat_r.dtype)
+    probe = probe * jnp.maximum(jnp.linalg.norm(flat_r), 1.0) / jnp.linalg.norm(probe)
+
+    def solve(b: jax.Array) -> tuple[PyTree, jax.Array, jax.Array]:
+        rhs = _like_input(system, b)
+        sol = lx.linear_solve(system.operator, rhs, inner, state=state, throw=False)
+        return sol.value, sol.result != lx.RESULTS.successful, sol.stats["min_curvature"]
+
+    values, failures, curvatures = jax.vmap(solve)(jnp.stack([flat_r, probe]))
+    newton = jax.tree_util.tree_map(lambda leaf: leaf[0], values)
+    curvature = jnp.min(curvatures).astype(flat_r.dtype)
+    return newton, failures[0], _beyond_rounding(curvature, _scale(system, probe), probe.size)
 
 
 def report(
@@ -285,13 +346,33 @@ def report(
         expect_positive_definite=positive_definite,
         dtype=np.dtype(dtype),
     )
-    # pure_callback rather than jax.debug.callback: its result is used, so it cannot be
-    # dropped, and it carries no ordering effect into the compiled derivative.
-    return jax.pure_callback(
-        host,
-        jax.ShapeDtypeStruct((), dtype),
-        *(jax.lax.stop_gradient(m) for m in measurements),
-        vmap_method="expand_dims",
+    values = tuple(jax.lax.stop_gradient(m) for m in measurements)
+    residual_norm, x_norm, newton_step, condition, curvature = values
+    # The verdict's triggers, on the device: the host is called only when some batch member
+    # may fail (a host round trip costs more than a small derivative). NaN compares False,
+    # so an unmeasured condition or curvature never triggers.
+    suspicious = (
+        ~jnp.isfinite(residual_norm)
+        | ~jnp.isfinite(x_norm)
+        | ~jnp.isfinite(newton_step)
+        | (newton_step > tol * jnp.maximum(1.0, x_norm))
+        | (condition > max_condition)
+    )
+    if positive_definite:
+        suspicious = suspicious | (curvature < 0)
+
+    def call_host(args: tuple) -> jax.Array:
+        # pure_callback rather than jax.debug.callback: its result is used, so it cannot be
+        # dropped, and it carries no ordering effect into the compiled derivative.
+        return jax.pure_callback(
+            host, jax.ShapeDtypeStruct((), dtype), *args, vmap_method="expand_dims"
+        )
+
+    return jax.lax.cond(
+        eqxi.unvmap_any(suspicious),
+        call_host,
+        lambda args: jnp.zeros((), dtype),
+        values,
     )
 
 
@@ -349,7 +430,9 @@ def _member_problems(
         problems.append(
             (
                 SingularSystemError,
-                "ill_conditioned",
+                # Beyond 1/eps (100× the default limit) the matrix is singular to working
+                # precision; between the limit and there, merely too ill-conditioned.
+                "singular" if cond > 100 * max_condition else "ill_conditioned",
                 f"the {system} is nearly singular: its condition number is at least "
                 f"{cond:.3g} (limit {max_condition:.3g}), so derivatives lose all accuracy. "
                 "The optimum may not be unique (flat directions); regularize the problem or "
@@ -362,7 +445,7 @@ def _member_problems(
                 SingularSystemError,
                 "not_minimum",
                 f"the Hessian is not positive definite at x (its smallest eigenvalue is "
-                f"{curv:.3g} < 0): x is a saddle point or a maximum, not a minimum. Use "
+                f"{curv:.3g} or below): x is a saddle point or a maximum, not a minimum. Use "
                 "dargmin.root with linear_solver='lu' if any stationary point will do.",
             )
         )
@@ -698,8 +781,13 @@ def newton_system_for(
     step is enough to compare it with ``tol``, and costs a few iterations."""
     if strategy.dense:
         return None
-    if hasattr(strategy, "rtol"):
-        strategy = dataclasses.replace(strategy, rtol=0.1)
+    # Keep the derivative solve's absolute floor: with 1e-3·rtol = 1e-4 as the floor, CG
+    # stopped after one step and a Newton step 100× over the limit passed the check.
+    dtype = jax.tree_util.tree_leaves(system.operator.in_structure())[0].dtype
+    atol = getattr(strategy, "atol", None)
+    strategy = with_tolerances(
+        strategy, rtol=0.1, atol=atol if atol is not None else default_tolerances(dtype)[1]
+    )
     return factorize(system.operator, strategy, context=context)
 
 

@@ -32,6 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from dargmin.typing import DTypeLike, PyTree, Scalar, ScalarLike
+
 __all__ = [
     "GradientCheckReport",
     "LeafError",
@@ -44,7 +46,6 @@ __all__ = [
     "jacobian_fd",
 ]
 
-PyTree = Any
 Method = Literal["central", "forward", "backward", "richardson"]
 _METHODS = ("central", "forward", "backward", "richardson")
 _RICHARDSON_FIRST_RELATIVE_STEP = 0.1
@@ -67,14 +68,14 @@ def _resolve_order(method: str, order: int | None) -> int | None:
     return order
 
 
-def _richardson_num_steps(dtype: Any) -> int:
+def _richardson_num_steps(dtype: DTypeLike) -> int:
     # Halve from h0 = s/10 until the central-difference optimum eps^(1/3) s: below that,
     # round-off dominates every tableau entry and finer steps only add noise.
     eps = float(jnp.finfo(dtype).eps)
     return math.ceil(math.log2(_RICHARDSON_FIRST_RELATIVE_STEP / eps ** (1.0 / 3.0))) + 1
 
 
-def _default_relative_step(method: str, dtype: Any) -> float:
+def _default_relative_step(method: str, dtype: DTypeLike) -> float:
     eps = float(jnp.finfo(dtype).eps)
     if method in ("forward", "backward"):
         return eps**0.5
@@ -83,7 +84,7 @@ def _default_relative_step(method: str, dtype: Any) -> float:
     return _RICHARDSON_FIRST_RELATIVE_STEP
 
 
-def _float_dtype(x: Any) -> Any:
+def _float_dtype(x: PyTree) -> np.dtype:
     dtype = jnp.result_type(x)
     return dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.result_type(float)
 
@@ -125,7 +126,7 @@ def _derivative_along_line(
     t0: jax.Array,
     typical_scale: jax.Array,
     method: str,
-    step: float | jax.Array | None,
+    step: ScalarLike | None,
     order: int | None,
 ) -> PyTree:
     """Derivative of ``g`` at scalar ``t0``; ``typical_scale`` sets the default step."""
@@ -164,11 +165,11 @@ def _derivative_along_line(
 
 
 def finite_difference_derivative(
-    f: Callable[[jax.Array], PyTree],
-    x: float | jax.Array,
+    f: Callable[[Scalar], PyTree],
+    x: ScalarLike,
     *,
     method: Method = "central",
-    step: float | jax.Array | None = None,
+    step: ScalarLike | None = None,
     order: int | None = None,
 ) -> PyTree:
     r"""Derivative :math:`f'(x)` of a function of one scalar by finite differences.
@@ -232,7 +233,7 @@ def directional_derivative_fd(
     v: PyTree,
     *,
     method: Method = "central",
-    step: float | jax.Array | None = None,
+    step: ScalarLike | None = None,
     order: int | None = None,
 ) -> PyTree:
     r"""Directional derivative :math:`\partial_t f(x + t v)|_{t=0} = J(x)\,v` by finite
@@ -293,7 +294,7 @@ def _flat_jacobian_fd(
     f: Callable[[PyTree], PyTree],
     x: PyTree,
     method: Method,
-    step: float | jax.Array | None,
+    step: ScalarLike | None,
     order: int | None,
 ) -> PyTree:
     """Derivatives along all basis directions: output leaves have a leading axis of size n."""
@@ -324,11 +325,11 @@ def _split_last_axis_like(flat: jax.Array, example: PyTree) -> PyTree:
 
 
 def gradient_fd(
-    f: Callable[[PyTree], jax.Array],
+    f: Callable[[PyTree], Scalar],
     x: PyTree,
     *,
     method: Method = "central",
-    step: float | jax.Array | None = None,
+    step: ScalarLike | None = None,
     order: int | None = None,
 ) -> PyTree:
     r"""Gradient :math:`\nabla f(x)` of a scalar function by finite differences.
@@ -366,7 +367,7 @@ def jacobian_fd(
     x: PyTree,
     *,
     method: Method = "central",
-    step: float | jax.Array | None = None,
+    step: ScalarLike | None = None,
     order: int | None = None,
 ) -> PyTree:
     r"""Jacobian :math:`\partial f / \partial x` by finite differences.
@@ -406,11 +407,11 @@ def jacobian_fd(
 
 
 def hessian_fd(
-    f: Callable[[PyTree], jax.Array],
+    f: Callable[[PyTree], Scalar],
     x: PyTree,
     *,
     method: Method = "central",
-    step: float | jax.Array | None = None,
+    step: ScalarLike | None = None,
     order: int | None = None,
     gradient: Literal["autodiff", "finite_differences"] = "autodiff",
 ) -> PyTree:
@@ -474,10 +475,10 @@ def hessian_fd(
 
 
 def hvp_fd(
-    f: Callable[[PyTree], jax.Array],
+    f: Callable[[PyTree], Scalar],
     x: PyTree,
     v: PyTree,
-    step: float | jax.Array | None = None,
+    step: ScalarLike | None = None,
     *,
     method: Method = "forward",
 ) -> PyTree:

@@ -26,7 +26,6 @@ The decorators below make any such solver differentiable in ``params``:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import inspect
 import warnings
@@ -49,6 +48,7 @@ from dargmin.linear_solvers import (
     as_linear_solver,
     factorize,
     operator_tags,
+    with_tolerances,
 )
 
 PyTree = Any
@@ -217,9 +217,12 @@ def implicit_solution(
     _validate_shapes(optimality_fn, x_star, params, cfg)
     try:
         return _attach_implicit_derivatives(optimality_fn, cfg, x_star, params)
-    except jax.errors.JaxRuntimeError as err:
-        # The check raised inside compiled code; give eager callers the typed error back.
-        diagnostics.reraise_typed(err)
+    except (jax.errors.JaxRuntimeError, ValueError) as err:
+        # The check raised inside compiled code: JAX wraps it (a JaxRuntimeError on the first
+        # call, a ValueError from the cached fast path); give eager callers the typed error
+        # back. Anything that is not a dargmin refusal propagates unchanged.
+        if not isinstance(err, diagnostics.DargminError):
+            diagnostics.reraise_typed(err)
         raise
 
 
@@ -364,12 +367,7 @@ def _config(
             DeprecationWarning,
             stacklevel=3,
         )
-        if hasattr(strategy, "rtol"):
-            strategy = dataclasses.replace(
-                strategy,
-                rtol=solve_rtol if solve_rtol is not None else strategy.rtol,
-                atol=solve_atol if solve_atol is not None else strategy.atol,
-            )
+        strategy = with_tolerances(strategy, rtol=solve_rtol, atol=solve_atol)
     return ImplicitConfig(
         linear_solver=strategy,
         symmetric=symmetric,

@@ -54,12 +54,15 @@ Neither solver takes options (no preconditioner, no initial guess ``y0``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import lineax as lx
 from jax.flatten_util import ravel_pytree
+
+from dargmin.typing import FlatMatvec, PyTree, Vector
 
 __all__ = ["MINRES", "ConjugateGradient"]
 
@@ -75,7 +78,9 @@ def _check_tolerances(solver: ConjugateGradient | MINRES) -> None:
         )
 
 
-def _check_operator(operator: lx.AbstractLinearOperator, name: str, options: dict) -> None:
+def _check_operator(
+    operator: lx.AbstractLinearOperator, name: str, options: dict[str, Any]
+) -> None:
     """Square, real, symmetric-tagged operator and no options (none are supported)."""
     if options:
         raise ValueError(
@@ -103,7 +108,9 @@ def _max_steps(max_steps: int | None, size: int) -> int:
     return max(10 * size, 100) if max_steps is None else max_steps
 
 
-def _flat_problem(operator: lx.AbstractLinearOperator, vector: Any):
+def _flat_problem(
+    operator: lx.AbstractLinearOperator, vector: PyTree
+) -> tuple[Vector, FlatMatvec, Callable[[Vector], PyTree]]:
     """Raveled right-hand side, a flat matvec, and the map back to the pytree."""
     b, unravel = ravel_pytree(vector)
 
@@ -146,7 +153,8 @@ class ConjugateGradient(lx.AbstractLinearSolver):
     also meant as a probe of definiteness. Unlike ``lineax.CG``, a negative-definite
     operator is not negated (it fails with ``breakdown`` at the first step): solve with
     :math:`-A` instead. Statistics (``solution.stats``):
-    ``num_steps`` (matrix-vector products), ``min_curvature`` (:math:`\mu`) and
+    ``num_steps`` (matrix-vector products), ``min_curvature`` (:math:`\mu`),
+    ``max_curvature`` (the largest Rayleigh quotient, a lower bound of :math:`\lambda_{max}`) and
     ``residual_norm`` (final recursive :math:`\|r_k\|_2`).
 
     Parameters
@@ -184,12 +192,16 @@ class ConjugateGradient(lx.AbstractLinearSolver):
     def __check_init__(self) -> None:
         _check_tolerances(self)
 
-    def init(self, operator: lx.AbstractLinearOperator, options: dict[str, Any]):
+    def init(
+        self, operator: lx.AbstractLinearOperator, options: dict[str, Any]
+    ) -> lx.AbstractLinearOperator:
         """Check the operator (square, real, symmetric tag) and keep it, linearised."""
         _check_operator(operator, "ConjugateGradient", options)
         return lx.linearise(operator)
 
-    def compute(self, state, vector, options: dict[str, Any]):
+    def compute(
+        self, state: lx.AbstractLinearOperator, vector: PyTree, options: dict[str, Any]
+    ) -> tuple[PyTree, lx.RESULTS, dict[str, jax.Array]]:
         """Run CG on ``vector``; return ``(solution, result, stats)``."""
         del options
         b, matvec, unravel = _flat_problem(state, vector)
@@ -197,7 +209,7 @@ class ConjugateGradient(lx.AbstractLinearSolver):
         max_steps = _max_steps(self.max_steps, b.size)
         tol = jnp.maximum(self.rtol * jnp.linalg.norm(b), self.atol).astype(dtype)
 
-        # carry: x, r, p, r·r, step, min curvature, curvature breakdown flag
+        # carry: x, r, p, r·r, step, min and max curvature, curvature breakdown flag
         init = (
             jnp.zeros_like(b),
             b,
@@ -205,19 +217,21 @@ class ConjugateGradient(lx.AbstractLinearSolver):
             jnp.dot(b, b),
             jnp.array(0, dtype=jnp.int32),
             jnp.array(jnp.inf, dtype=dtype),
+            jnp.array(0.0, dtype=dtype),
             jnp.array(False),
         )
 
         def cond(carry):
-            _, _, _, rr, step, _, broke = carry
+            _, _, _, rr, step, _, _, broke = carry
             rnorm = jnp.sqrt(rr)
             return (rnorm > tol) & jnp.isfinite(rnorm) & (step < max_steps) & ~broke
 
         def body(carry):
-            x, r, p, rr, step, min_curv, _ = carry
+            x, r, p, rr, step, min_curv, max_curv, _ = carry
             Ap = matvec(p)
             pAp = jnp.dot(p, Ap)
             min_curv = jnp.minimum(min_curv, pAp / jnp.dot(p, p))
+            max_curv = jnp.maximum(max_curv, pAp / jnp.dot(p, p))
             broke = pAp <= 0
             alpha = rr / jnp.where(broke, 1, pAp)
             x_new = x + alpha * p
@@ -233,23 +247,33 @@ class ConjugateGradient(lx.AbstractLinearSolver):
                 keep(rr_new, rr),
                 step + 1,
                 min_curv,
+                max_curv,
                 broke,
             )
 
-        x, _, _, rr, steps, min_curv, broke = jax.lax.while_loop(cond, body, init)
+        x, _, _, rr, steps, min_curv, max_curv, broke = jax.lax.while_loop(cond, body, init)
         rnorm = jnp.sqrt(rr)
         nonfinite = ~jnp.isfinite(rnorm) | ~jnp.all(jnp.isfinite(x))
         result = lx.RESULTS.where(rnorm <= tol, lx.RESULTS.successful, lx.RESULTS.max_steps_reached)
         result = lx.RESULTS.where(broke, lx.RESULTS.breakdown, result)
         result = lx.RESULTS.where(nonfinite, lx.RESULTS.singular, result)
-        stats = {"num_steps": steps, "min_curvature": min_curv, "residual_norm": rnorm}
+        stats = {
+            "num_steps": steps,
+            "min_curvature": min_curv,
+            "max_curvature": max_curv,
+            "residual_norm": rnorm,
+        }
         return unravel(x), result, stats
 
-    def transpose(self, state, options: dict[str, Any]):
+    def transpose(
+        self, state: lx.AbstractLinearOperator, options: dict[str, Any]
+    ) -> tuple[lx.AbstractLinearOperator, dict[str, Any]]:
         """Symmetric operator: the transposed state is the state itself."""
         return state, options
 
-    def conj(self, state, options: dict[str, Any]):
+    def conj(
+        self, state: lx.AbstractLinearOperator, options: dict[str, Any]
+    ) -> tuple[lx.AbstractLinearOperator, dict[str, Any]]:
         """Real operator: the conjugated state is the state itself."""
         return state, options
 
@@ -317,12 +341,16 @@ class MINRES(lx.AbstractLinearSolver):
     def __check_init__(self) -> None:
         _check_tolerances(self)
 
-    def init(self, operator: lx.AbstractLinearOperator, options: dict[str, Any]):
+    def init(
+        self, operator: lx.AbstractLinearOperator, options: dict[str, Any]
+    ) -> lx.AbstractLinearOperator:
         """Check the operator (square, real, symmetric tag) and keep it, linearised."""
         _check_operator(operator, "MINRES", options)
         return lx.linearise(operator)
 
-    def compute(self, state, vector, options: dict[str, Any]):
+    def compute(
+        self, state: lx.AbstractLinearOperator, vector: PyTree, options: dict[str, Any]
+    ) -> tuple[PyTree, lx.RESULTS, dict[str, jax.Array]]:
         """Run MINRES on ``vector``; return ``(solution, result, stats)``."""
         del options
         b, matvec, unravel = _flat_problem(state, vector)
@@ -400,11 +428,15 @@ class MINRES(lx.AbstractLinearSolver):
         stats = {"num_steps": steps, "residual_norm": rnorm}
         return unravel(x), result, stats
 
-    def transpose(self, state, options: dict[str, Any]):
+    def transpose(
+        self, state: lx.AbstractLinearOperator, options: dict[str, Any]
+    ) -> tuple[lx.AbstractLinearOperator, dict[str, Any]]:
         """Symmetric operator: the transposed state is the state itself."""
         return state, options
 
-    def conj(self, state, options: dict[str, Any]):
+    def conj(
+        self, state: lx.AbstractLinearOperator, options: dict[str, Any]
+    ) -> tuple[lx.AbstractLinearOperator, dict[str, Any]]:
         """Real operator: the conjugated state is the state itself."""
         return state, options
 

@@ -56,10 +56,12 @@ Cholesky()
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, ClassVar, Literal
 
 import equinox as eqx
+import equinox.internal as eqxi
 import jax
 import jax.numpy as jnp
 import lineax as lx
@@ -94,6 +96,7 @@ __all__ = [
     "make_linear_solver",
     "operator_tags",
     "two_norm",
+    "with_tolerances",
 ]
 
 #: ``Auto()`` switches from dense factorizations to Krylov methods above this many unknowns
@@ -371,6 +374,33 @@ def as_linear_solver(spec: str | LinearSolver | lx.AbstractLinearSolver) -> Line
     )
 
 
+def with_tolerances(
+    strategy: LinearSolver,
+    *,
+    rtol: float | None = None,
+    atol: float | None = None,
+    max_steps: int | None = None,
+) -> LinearSolver:
+    """``strategy`` with the given Krylov settings (``None`` keeps its own); dense strategies
+    (and raw lineax solvers) are returned unchanged: they have no tolerance.
+
+    Examples
+    --------
+    >>> with_tolerances(CG(), rtol=0.1)
+    CG(rtol=0.1)
+    >>> with_tolerances(Cholesky(), rtol=0.1)
+    Cholesky()
+    """
+    if not isinstance(strategy, _Krylov | Auto):
+        return strategy
+    return dataclasses.replace(
+        strategy,
+        rtol=strategy.rtol if rtol is None else rtol,
+        atol=strategy.atol if atol is None else atol,
+        max_steps=strategy.max_steps if max_steps is None else max_steps,
+    )
+
+
 def operator_tags(
     solver: LinearSolver, *, symmetric: bool, positive_definite: bool, problem: str = "problem"
 ) -> tuple:
@@ -434,6 +464,7 @@ def _report_failed_solve(
     size: int,
     dtype: Any,
     max_condition: float,
+    atol: float,
 ) -> np.ndarray:
     """Host side of :class:`CheckedSolver`: raise or warn, naming the numbers, per member."""
     arrays = [
@@ -446,12 +477,13 @@ def _report_failed_solve(
     for i in range(int(np.prod(shape, dtype=int))):
         c, bad, res, bnorm, k, cond, r, drop = (float(m[i]) for m in members)
         message = _failed_solve_message(
-            int(c), bool(bad), res, bnorm, k, cond, r, drop, solver_name, size, max_condition
+            int(c), bool(bad), res, bnorm, k, cond, r, drop, solver_name, size, max_condition, atol
         )
         if message is None:
             continue
         text, reason, is_error = message
-        where = f" (batch member {np.unravel_index(i, shape)} of {shape})" if shape else ""
+        member = tuple(int(j) for j in np.unravel_index(i, shape))
+        where = f" (batch member {member} of {tuple(shape)})" if shape else ""
         full = f"dargmin.{context}: {text}{where} [reason: {reason}]"
         if is_error and mode != "warn":
             error = SingularSystemError(full)
@@ -476,16 +508,27 @@ def _failed_solve_message(
     solver_name: str,
     size: int,
     max_condition: float = np.inf,
+    atol: float = 0.0,
 ) -> tuple[str, str, bool] | None:
     result = _RESULT_NAMES.get(code, str(code))
     relative = residual / rhs_norm if rhs_norm > 0 else residual
     if result == "breakdown":
         return (
-            f"the {solver_name} solve met a direction of non-positive curvature after "
-            f"{steps:.0f} steps: the matrix is not positive definite (a saddle point or a "
-            "maximum, not a strict minimum). Use linear_solver='minres' or 'lu' if any "
-            "stationary point will do.",
+            f"the {solver_name} solve met a direction of non-positive curvature "
+            f"pᵀAp/pᵀp = {condition:.3g} after {steps:.0f} steps: the matrix is not "
+            "positive definite (a saddle point or a maximum, not a strict minimum). Use "
+            "linear_solver='minres' or 'lu' if any stationary point will do.",
             "not_minimum",
+            True,
+        )
+    if result == "singular" and not nonfinite and np.isfinite(condition):
+        return (
+            f"the {solver_name} solve met a direction of zero curvature pᵀAp/pᵀp = "
+            f"{condition:.3g} (rounding level) after {steps:.0f} steps: the matrix is singular "
+            "(positive semidefinite with a flat direction, so the solution is not unique). "
+            "Regularize the problem, or use linear_solver='lstsq' for the minimum-norm "
+            "solution.",
+            "singular",
             True,
         )
     if nonfinite or result in ("singular", "nonfinite_input"):
@@ -498,7 +541,7 @@ def _failed_solve_message(
             True,
         )
     if result in ("max_steps_reached", "stagnation", "conlim") or (
-        np.isfinite(relative) and relative > 1e-2 and rhs_norm > 0
+        np.isfinite(relative) and relative > 1e-2 and residual > 100 * atol
     ):
         cond_text = (
             f"; the solver's condition estimate is {condition:.3g}"
@@ -558,8 +601,14 @@ class CheckedSolver(lx.AbstractLinearSolver):
     def compute(self, state, vector, options: dict[str, Any]):
         inner_state, operator = state
         solution, result, stats = self.inner.compute(inner_state, vector, options)
-        flat_sol = ravel_pytree(solution)[0]
         flat_b = ravel_pytree(vector)[0]
+        # A zero right-hand side has the zero solution (lineax's BiCGStab returns NaN).
+        zero_rhs = jnp.all(flat_b == 0)
+        solution = jax.tree_util.tree_map(
+            lambda leaf: jnp.where(zero_rhs, jnp.zeros_like(leaf), leaf), solution
+        )
+        result = lx.RESULTS.where(zero_rhs, lx.RESULTS.successful, result)
+        flat_sol = ravel_pytree(solution)[0]
         dtype = flat_sol.dtype
         real = jnp.finfo(dtype).dtype
         nonfinite = ~jnp.all(jnp.isfinite(flat_sol))
@@ -582,6 +631,15 @@ class CheckedSolver(lx.AbstractLinearSolver):
             residual = jnp.asarray(0.0, real)  # truncation is the design: reported as rank
         steps = jnp.asarray(stats.get("num_steps", jnp.nan), real) if stats else jnp.nan
         condition = jnp.asarray(stats.get("cond_A", jnp.nan), real) if stats else jnp.nan
+        if stats and "min_curvature" in stats:
+            # CG: the slot carries the curvature met (reported on a breakdown). Zero curvature
+            # within rounding of the largest met is a singular (semidefinite) matrix, not a
+            # saddle: reported as such.
+            curvature = stats["min_curvature"].astype(real)
+            rounding = flat_b.size * jnp.finfo(real).eps * stats["max_curvature"].astype(real)
+            broke = result == lx.RESULTS.breakdown
+            condition = jnp.where(broke, curvature, condition)
+            result = lx.RESULTS.where(broke & (curvature >= -rounding), lx.RESULTS.singular, result)
         code = jnp.asarray(result._value, jnp.int32)
         report = functools.partial(
             _report_failed_solve,
@@ -591,19 +649,28 @@ class CheckedSolver(lx.AbstractLinearSolver):
             size=int(flat_b.size),
             dtype=np.dtype(real),
             max_condition=self.max_condition,
+            atol=float(getattr(self.inner, "atol", 0.0)),
         )
-        zero = jax.pure_callback(
-            report,
-            jax.ShapeDtypeStruct((), real),
-            code,
-            nonfinite,
-            residual,
-            jnp.linalg.norm(flat_b),
-            jnp.asarray(steps, real),
-            jnp.asarray(condition, real),
-            rank,
-            dropped,
-            vmap_method="expand_dims",
+        rhs_norm = jnp.linalg.norm(flat_b)
+        steps = jnp.asarray(steps, real)
+        condition = jnp.asarray(condition, real)
+        atol = float(getattr(self.inner, "atol", 0.0))
+        # The report's triggers, on the device: the host is called only when some batch
+        # member may have failed (a host round trip on every solve doubled small solves).
+        suspicious = (
+            (code != 0)
+            | nonfinite
+            | ((residual > 1e-2 * rhs_norm) & (residual > 100 * atol))
+            | ((rank >= 0) & (rank < flat_b.size) & (dropped > 0))
+            | (condition > self.max_condition)
+        )
+        zero = jax.lax.cond(
+            eqxi.unvmap_any(suspicious),
+            lambda args: jax.pure_callback(
+                report, jax.ShapeDtypeStruct((), real), *args, vmap_method="expand_dims"
+            ),
+            lambda args: jnp.zeros((), real),
+            (code, nonfinite, residual, rhs_norm, steps, condition, rank, dropped),
         )
         solution = jax.tree_util.tree_map(lambda leaf: leaf + zero.astype(leaf.dtype), solution)
         return solution, lx.RESULTS.successful, stats
@@ -672,7 +739,13 @@ def factorize(
     checked = CheckedSolver(
         inner, solver_name=name, context=context, mode=mode, max_condition=max_condition
     )
-    return Factorization(operator, checked, checked.init(operator, {}))
+    # The factors are a function of the operator's value only: lineax differentiates a solve
+    # through the operator itself, so factorizing a stopped copy spares JAX from tracing (or,
+    # for QR, failing on) the factorization's own derivative under higher-order AD.
+    stopped = jax.tree_util.tree_map(
+        lambda leaf: jax.lax.stop_gradient(leaf) if eqx.is_array(leaf) else leaf, operator
+    )
+    return Factorization(operator, checked, checked.init(stopped, {}))
 
 
 def make_linear_solver(
@@ -701,11 +774,6 @@ def make_linear_solver(
     strategy = strategy.resolve(
         size, symmetric=symmetric_positive_definite, positive_definite=symmetric_positive_definite
     )
-    if isinstance(strategy, _Krylov):
-        strategy = eqx.tree_at(
-            lambda s: (s.rtol, s.atol, s.max_steps),
-            strategy,
-            (rtol, atol, max_steps),
-            is_leaf=lambda v: v is None,
-        )
-    return strategy.lineax_solver(size, jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
+    strategy = with_tolerances(strategy, rtol=rtol, atol=atol, max_steps=max_steps)
+    x64 = jax.config.jax_enable_x64  # type: ignore[attr-defined]
+    return strategy.lineax_solver(size, jnp.float64 if x64 else jnp.float32)

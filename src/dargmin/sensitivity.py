@@ -32,13 +32,24 @@ from which this module derives:
 Every function first checks with :func:`dargmin.check_optimum` that ``params`` is a
 stationary point with a non-singular Hessian, and raises
 :class:`dargmin.NonStationaryPointError` / :class:`dargmin.SingularSystemError` otherwise:
-the influence of an unconverged fit is not the derivative of anything.
+the influence of an unconverged fit is not the derivative of anything. NaN or inf in
+``params`` or ``data`` (or a loss whose derivatives are not finite there) raises an error
+that names the leaves and examples holding them (``[reason: nonfinite]``), never a NaN
+result. pandas ``DataFrame`` / ``Series`` leaves of ``data`` are converted with
+``.to_numpy()`` (non-numeric columns are refused).
+
+The compiled code is cached per ``loss`` / ``regularizer`` and holds them only weakly: a
+loss that the caller drops is garbage-collected together with its compiled code.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
+import types
 import warnings
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -47,7 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from dargmin.derivatives import solve_cg_with_info
+from dargmin.derivatives import solve_cg
 from dargmin.diagnostics import (
     DargminError,
     DargminWarning,
@@ -119,23 +130,266 @@ def _flat_problem(loss: Loss, regularizer: Regularizer, params: PyTree):
     return flat, unravel, example_loss, objective
 
 
-# The kernels below are jitted with the user's functions as static arguments, so repeated
-# calls with the same ``loss`` (the usual case: a module-level function) reuse the compiled
-# code instead of re-tracing, and nothing runs op by op.
+# ----------------------------------------------------------------------------- inputs
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
+def _is_numeric(dtype: Any) -> bool:
+    try:
+        return bool(jnp.issubdtype(dtype, jnp.number) or jnp.issubdtype(dtype, jnp.bool_))
+    except TypeError:  # a pandas extension dtype (Int64, category, string, ...)
+        return getattr(dtype, "kind", "O") in "biufc"
+
+
+def _is_frame(leaf: Any) -> bool:
+    """A pandas ``DataFrame`` / ``Series`` (or a look-alike), told by duck typing."""
+    return not isinstance(leaf, np.ndarray | np.generic | jax.Array) and callable(
+        getattr(leaf, "to_numpy", None)
+    )
+
+
+def _frame_to_numpy(frame: Any, where: str, caller: str) -> np.ndarray:
+    dtypes: Any = getattr(frame, "dtypes", None)
+    if hasattr(dtypes, "items"):  # a DataFrame: one dtype per column
+        columns, what = list(dtypes.items()), "column(s)"
+    else:  # a Series
+        columns, what = [(getattr(frame, "name", None), getattr(frame, "dtype", None))], "values"
+    bad = [
+        f"{name!r} ({dtype})"
+        for name, dtype in columns
+        if dtype is not None and not _is_numeric(dtype)
+    ]
+    kind = type(frame).__name__
+    refusal = (
+        f"dargmin.sensitivity.{caller}: {where} is a {kind} with non-numeric {what} "
+        "{}: the loss needs numbers. Drop or encode them (e.g. pandas.get_dummies) first."
+    )
+    if bad:
+        raise TypeError(refusal.format(", ".join(bad)))
+    values = np.asarray(frame.to_numpy())
+    if not _is_numeric(values.dtype):
+        # Nullable extension dtypes (Int64, Float64, boolean) and mixed bool / number
+        # columns come out as objects; missing values become NaN (and are then reported).
+        try:
+            values = np.asarray(frame.to_numpy(dtype=np.float64, na_value=np.nan))
+        except (TypeError, ValueError):
+            raise TypeError(refusal.format(f"of dtype {values.dtype}")) from None
+    return values
+
+
+def _as_arrays(tree: PyTree, name: str, caller: str) -> PyTree:
+    """``tree`` with pandas ``DataFrame`` / ``Series`` leaves turned into NumPy arrays.
+
+    JAX does not know these types (they are not arrays or pytrees) and fails deep inside
+    tracing; non-numeric leaves (strings, objects, dates) are refused here with a message.
+    """
+
+    def convert(path: Any, leaf: Any) -> Any:
+        where = f"{name}{jax.tree_util.keystr(path)}"
+        if _is_frame(leaf):
+            return _frame_to_numpy(leaf, where, caller)
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is not None and not _is_numeric(dtype):
+            raise TypeError(
+                f"dargmin.sensitivity.{caller}: {where} has the non-numeric dtype {dtype}: "
+                "the loss needs numbers. Drop or encode it first."
+            )
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(convert, tree)
+
+
+def _refusal(error: type[DargminError], reason: str, message: str) -> DargminError:
+    """``error(message)`` ending with the stable ``[reason: …]`` code, like dargmin's others."""
+    exception = error(f"{message} [reason: {reason}]")
+    exception.reason = reason
+    return exception
+
+
+def _nonfinite_leaves(tree: PyTree, name: str, per_example: bool) -> list[str]:
+    """One phrase per leaf of ``tree`` that holds NaN or inf: where, how many, which examples."""
+    phrases = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        values = np.asarray(leaf)
+        if not jnp.issubdtype(values.dtype, jnp.inexact):
+            continue
+        bad = ~np.isfinite(values)
+        count = int(np.count_nonzero(bad))
+        if not count:
+            continue
+        nans = int(np.count_nonzero(np.isnan(values)))
+        phrase = (
+            f"{name}{jax.tree_util.keystr(path)} holds {count} non-finite value"
+            f"{'s' if count > 1 else ''} ({nans} NaN, {count - nans} ±inf) among its "
+            f"{values.size} entries"
+        )
+        if per_example and values.ndim:
+            rows = np.flatnonzero(bad.reshape(values.shape[0], -1).any(axis=1))
+            phrase += f", in {rows.size} of {values.shape[0]} examples (first: {rows[:5].tolist()})"
+        phrases.append(phrase)
+    return phrases
+
+
+# ----------------------------------------------------------------------------- compiled code
+
+
+class _WeakCall:
+    """Calls the user's function through a weak reference.
+
+    The compiled kernels of a ``loss`` close over this instead of the function itself, so
+    that they do not keep it alive (``jax.jit`` holds static arguments and closures
+    strongly, forever). A function that cannot be weakly referenced is held.
+    """
+
+    __slots__ = ("_get",)
+    _get: Callable[[], Any]
+
+    def __init__(self, fn: Callable[..., Any]):
+        self.point_to(fn)
+
+    def point_to(self, fn: Callable[..., Any]) -> None:
+        """Call ``fn`` from now on (an equal object found in the cache may be another one)."""
+        if inspect.ismethod(fn):
+            # A bound method is a new object at every attribute access: hold its owner
+            # weakly (the function is the class's, alive anyway).
+            try:
+                owner = weakref.ref(fn.__self__)
+            except TypeError:
+                pass
+            else:
+                func = fn.__func__
+                self._get = lambda: None if (o := owner()) is None else types.MethodType(func, o)
+                return
+        try:
+            self._get = weakref.ref(fn)
+        except TypeError:
+            self._get = lambda: fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        fn = self._get()
+        if fn is None:  # pragma: no cover - the caller holds the function while it runs
+            raise RuntimeError("dargmin.sensitivity: the loss was garbage-collected in use.")
+        return fn(*args, **kwargs)
+
+
+class _FunctionCache:
+    """``callable -> value`` that does not keep the callable alive.
+
+    Hashable callables are matched by equality, as ``jax.jit`` matches static arguments;
+    unhashable ones by identity; bound methods by (owner identity, function), as Python
+    compares them. The entry goes when the callable is garbage-collected. Callables that
+    cannot be weakly referenced are kept, at most ``max_pinned`` of them (least recently
+    used out).
+    """
+
+    def __init__(self, max_pinned: int = 32):
+        self._by_value: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._by_identity: dict[int, tuple[weakref.ref, Any]] = {}
+        self._pinned: OrderedDict = OrderedDict()
+        self._max_pinned = max_pinned
+
+    def get(self, fn: Any, make: Callable[[], Any]) -> Any:
+        if inspect.ismethod(fn):
+            per_function = self._get_by_identity(fn.__self__, dict)
+            if per_function is not None:
+                if fn.__func__ not in per_function:
+                    per_function[fn.__func__] = make()
+                return per_function[fn.__func__]
+        else:
+            try:
+                value = self._by_value.get(fn)
+            except TypeError:  # unhashable, or not weakly referenceable
+                value = self._get_by_identity(fn, make)
+            else:
+                if value is None:
+                    value = self._by_value[fn] = make()
+            if value is not None:
+                return value
+        try:
+            value = self._pinned.pop(fn)
+        except KeyError:
+            value = make()
+        except TypeError:  # neither hashable nor weakly referenceable: nothing to key on
+            return make()
+        self._pinned[fn] = value
+        while len(self._pinned) > self._max_pinned:
+            self._pinned.popitem(last=False)
+        return value
+
+    def _get_by_identity(self, obj: Any, make: Callable[[], Any]) -> Any:
+        """The value of ``obj`` (by identity); ``None`` if ``obj`` has no weak references."""
+        key = id(obj)
+        entry = self._by_identity.get(key)
+        if entry is not None and entry[0]() is obj:
+            return entry[1]
+
+        def forget(ref: weakref.ref, key: int = key) -> None:
+            if self._by_identity.get(key, (None,))[0] is ref:
+                del self._by_identity[key]
+
+        try:
+            ref = weakref.ref(obj, forget)
+        except TypeError:
+            return None
+        value = make()
+        self._by_identity[key] = (ref, value)
+        return value
+
+
+class _Kernels:
+    """The jitted kernels of one ``(loss, regularizer)``.
+
+    Repeated calls with the same functions reuse the compiled code instead of re-tracing,
+    and nothing runs op by op. The kernels hold the functions weakly and are themselves
+    cached weakly by them (:data:`_KERNELS`), so dropping a loss frees its compiled code.
+    """
+
+    def __init__(self, loss: Loss, regularizer: Regularizer):
+        self.loss = _WeakCall(loss)
+        self.regularizer = None if regularizer is None else _WeakCall(regularizer)
+
+        def jit(body: Callable[..., Any], static_argnums: tuple[int, ...] = ()) -> Any:
+            bound = functools.partial(body, self.loss, self.regularizer)
+            return jax.jit(bound, static_argnums=static_argnums)
+
+        self.total_objective = jit(_total_objective)
+        self.example_gradients = jit(_example_gradients)
+        self.total_hessian = jit(_total_hessian)
+        self.solve_cg_batch = jit(_solve_cg_batch, static_argnums=(3, 4))
+        self.newton_dense = jit(_newton_dense, static_argnums=(2,))
+        self.newton_woodbury = jit(_newton_woodbury, static_argnums=(2, 3))
+        self.newton_cg = jit(_newton_cg, static_argnums=(2, 3))
+
+
+_KERNELS = _FunctionCache()  # loss -> _FunctionCache(regularizer -> _Kernels)
+
+
+def _kernels(loss: Loss, regularizer: Regularizer) -> _Kernels:
+    if not callable(loss):
+        raise TypeError(f"loss must be a callable loss(params, example), got {loss!r}.")
+    if regularizer is not None and not callable(regularizer):
+        raise TypeError(
+            f"regularizer must be None or a callable regularizer(params), got {regularizer!r}."
+        )
+    per_regularizer = _KERNELS.get(loss, _FunctionCache)
+    kernels = per_regularizer.get(regularizer, lambda: _Kernels(loss, regularizer))
+    kernels.loss.point_to(loss)
+    if kernels.regularizer is not None:
+        kernels.regularizer.point_to(regularizer)
+    return kernels
+
+
+# The bodies of the kernels, jitted per (loss, regularizer) by _Kernels.
+
+
 def _total_objective(loss: Loss, regularizer: Regularizer, params: PyTree, data: PyTree):
     return _flat_problem(loss, regularizer, params)[3](ravel_pytree(params)[0], data)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
 def _example_gradients(loss: Loss, regularizer: Regularizer, params: PyTree, data: PyTree):
     flat, _, example_loss, _ = _flat_problem(loss, regularizer, params)
     return jax.vmap(jax.grad(example_loss), in_axes=(None, 0))(flat, data)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
 def _total_hessian(loss: Loss, regularizer: Regularizer, params: PyTree, data: PyTree):
     flat, _, _, objective = _flat_problem(loss, regularizer, params)
     hessian = jax.hessian(objective)(flat, data)
@@ -158,7 +412,6 @@ def _lu_solve(hessian: jax.Array, rhs: jax.Array) -> jax.Array:
     return jax.scipy.linalg.lu_solve(jax.scipy.linalg.lu_factor(hessian), rhs)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 5, 6))
 def _solve_cg_batch(
     loss: Loss,
     regularizer: Regularizer,
@@ -175,7 +428,7 @@ def _solve_cg_batch(
         return jax.jvp(lambda t: jax.grad(objective)(t, data), (flat,), (v,))[1]
 
     def solve_one(b: jax.Array):
-        solution = solve_cg_with_info(hvp, b, rtol=rtol, max_steps=max_steps)
+        solution = solve_cg(hvp, b, rtol=rtol, max_steps=max_steps, throw=False)
         return solution.value, solution.converged
 
     # vmap batches the right-hand sides through one CG loop: each iteration is one
@@ -197,9 +450,91 @@ def _map_examples(fn: Callable[[PyTree], PyTree], data: PyTree, batch_size: int)
 # ----------------------------------------------------------------------------- checks
 
 
+def _raise_if_nonfinite(
+    kernels: _Kernels,
+    params: PyTree,
+    data: PyTree,
+    *,
+    caller: str,
+    hessian: jax.Array | None = None,
+) -> None:
+    """Raise a ``[reason: nonfinite]`` error if the gradients or the Hessian at ``params``
+    hold NaN / inf, naming what is not finite and the inputs that cause it.
+
+    Called only where something downstream came out non-finite (the checks cost nothing
+    when all is well), so NaN in a leaf of ``data`` that the loss never reads is no error.
+    """
+    flat, unravel = ravel_pytree(params)
+    problems = []
+    gradients = np.asarray(kernels.example_gradients(params, data))
+    bad = np.flatnonzero(~np.all(np.isfinite(gradients), axis=1))
+    if bad.size:
+        problems.append(
+            f"the gradient of the loss is not finite for {bad.size} of {gradients.shape[0]} "
+            f"examples (first: {bad[:5].tolist()})"
+        )
+    regularizer = kernels.regularizer
+    reg_bad = 0
+    if regularizer is not None:
+        reg_gradient = np.asarray(jax.grad(lambda t: regularizer(unravel(t)))(flat))
+        reg_bad = int(np.count_nonzero(~np.isfinite(reg_gradient)))
+        if reg_bad:
+            problems.append(
+                f"the gradient of the regularizer has {reg_bad} non-finite "
+                f"entr{'ies' if reg_bad > 1 else 'y'} of {reg_gradient.size}"
+            )
+    gradient_problem = bool(problems)
+    if hessian is None and flat.size <= DENSE_MAX_SIZE:
+        hessian = kernels.total_hessian(params, data)
+    if hessian is not None:
+        count = int(np.count_nonzero(~np.isfinite(np.asarray(hessian))))
+        if count:
+            problems.append(
+                f"the Hessian of the objective has {count} non-finite "
+                f"entr{'ies' if count > 1 else 'y'} of {np.size(hessian)}"
+            )
+    else:  # too large to build: one Hessian-vector product with a vector of ones
+        hvp = jax.jvp(
+            jax.grad(lambda t: kernels.total_objective(unravel(t), data)),
+            (flat,),
+            (jnp.ones_like(flat),),
+        )[1]
+        if not bool(jnp.all(jnp.isfinite(hvp))):
+            problems.append("a Hessian-vector product of the objective is not finite")
+    if not problems:
+        return
+    causes = _nonfinite_leaves(params, "params", False) + _nonfinite_leaves(data, "data", True)
+    if causes:
+        cause = (
+            "NaN/inf in the inputs: "
+            + "; ".join(causes)
+            + ". Remove or impute them (or fix the fit that produced these params)."
+        )
+    else:
+        if reg_bad and not bad.size:
+            culprit = "the regularizer"
+        elif (bad.size and not reg_bad) or regularizer is None:
+            culprit = "the loss"
+        else:
+            culprit = "the loss or the regularizer"
+        cause = (
+            f"Every input is finite: {culprit} itself has non-finite derivatives at these "
+            "params (e.g. the log or square root of a non-positive number, a division by "
+            "zero, or an overflow)."
+        )
+    # As in dargmin.diagnostics: a non-finite residual is "not stationary"; a non-finite
+    # Hessian at a finite gradient is a broken system to solve.
+    error = NonStationaryPointError if gradient_problem or causes else SingularSystemError
+    raise _refusal(
+        error,
+        "nonfinite",
+        f"dargmin.sensitivity.{caller}: cannot compute the influence of the data: "
+        f"{'; '.join(problems)}. {cause}",
+    )
+
+
 def _check_stationary(
-    loss: Loss,
-    regularizer: Regularizer,
+    kernels: _Kernels,
     params: PyTree,
     data: PyTree,
     *,
@@ -212,17 +547,30 @@ def _check_stationary(
         raise ValueError(f"check must be 'raise', 'warn' or 'ignore', got {check!r}.")
     if check == "ignore":
         return
-    report = check_optimum(
-        lambda theta, d: _total_objective(loss, regularizer, theta, d),
-        params,
-        data,
-        kind="argmin",
-        tol=tol,
-    )
+    try:
+        report = check_optimum(
+            lambda theta, d: kernels.total_objective(theta, d),
+            params,
+            data,
+            kind="argmin",
+            tol=tol,
+        )
+    except np.linalg.LinAlgError:
+        # The eigenvalues of a Hessian holding NaN/inf do not converge: say where they are.
+        _raise_if_nonfinite(kernels, params, data, caller=caller)
+        raise
+    measured = (report.residual_norm, report.smallest_eigenvalue, report.largest_eigenvalue)
+    if not np.all(np.isfinite(measured)):
+        _raise_if_nonfinite(kernels, params, data, caller=caller)
+    # check_optimum's default limit of the condition number: beyond it the verdict may read
+    # "ill_conditioned" (named first), but the Hessian is numerically singular.
+    max_condition = 1e-2 / float(jnp.finfo(ravel_pytree(params)[0].dtype).eps)
     error: type[DargminError] | None = None
-    if report.verdict == "not_stationary":
+    if report.verdict in ("not_stationary", "nonfinite"):
         error = NonStationaryPointError
-    elif report.verdict in ("singular", "not_minimum"):
+    elif report.verdict in ("singular", "not_minimum") or (
+        report.verdict == "ill_conditioned" and not report.condition_number <= max_condition
+    ):
         # Not a strict minimum: the influence (a derivative of the argmin) is undefined or
         # meaningless, exactly as dargmin.argmin refuses to differentiate there.
         error = SingularSystemError
@@ -234,8 +582,8 @@ def _check_stationary(
         f"eigenvalues in [{report.smallest_eigenvalue:.3g}, {report.largest_eigenvalue:.3g}])."
     )
     if check == "raise":
-        raise error(message)
-    warnings.warn(message, DargminWarning, stacklevel=3)
+        raise _refusal(error, report.verdict, message)
+    warnings.warn(f"{message} [reason: {report.verdict}]", DargminWarning, stacklevel=3)
 
 
 def _default_rtol(dtype: Any) -> float:
@@ -257,8 +605,7 @@ def _resolve_solver(linear_solver: str, size: int) -> str:
 
 
 def _solve_hessian(
-    loss: Loss,
-    regularizer: Regularizer,
+    kernels: _Kernels,
     params: PyTree,
     data: PyTree,
     rhs: jax.Array,
@@ -268,11 +615,14 @@ def _solve_hessian(
     max_steps: int | None,
     caller: str,
 ) -> jax.Array:
-    """``H⁻¹ b_j`` for every row ``b_j`` of ``rhs`` (shape ``(m, p)``); returns ``(m, p)``."""
+    """``H⁻¹ b_j`` for every row ``b_j`` of ``rhs`` (shape ``(m, p)``); returns ``(m, p)``.
+
+    ``rhs`` must be finite (the callers check theirs).
+    """
     size = rhs.shape[1]
     method = _resolve_solver(linear_solver, size)
     if method in ("cholesky", "lu"):
-        hessian = _total_hessian(loss, regularizer, params, data)
+        hessian = kernels.total_hessian(params, data)
         solution = _cholesky_solve(hessian, rhs.T) if method == "cholesky" else None
         if solution is None or not bool(jnp.all(jnp.isfinite(solution))):
             # Cholesky failed (H not positive definite: a saddle accepted with
@@ -280,26 +630,43 @@ def _solve_hessian(
             # than with lax.cond so that the common case never compiles the LU branch.
             solution = _lu_solve(hessian, rhs.T)
         if not bool(jnp.all(jnp.isfinite(solution))):
+            _raise_if_nonfinite(kernels, params, data, caller=caller, hessian=hessian)
             spectrum = np.linalg.eigvalsh(np.asarray(hessian))
-            raise SingularSystemError(
+            raise _refusal(
+                SingularSystemError,
+                "singular",
                 f"dargmin.sensitivity.{caller}: solving with the Hessian gave non-finite "
                 f"values: its eigenvalues lie in [{spectrum[0]:.3g}, {spectrum[-1]:.3g}], so "
-                "it is singular. Add a regularizer (e.g. a small ridge term)."
+                "it is singular. Add a regularizer (e.g. a small ridge term).",
             )
         return solution.T
     rtol = float(rtol) if rtol is not None else _default_rtol(rhs.dtype)
     max_steps = max_steps if max_steps is not None else max(10 * size, 100)
-    solution, converged = _solve_cg_batch(loss, regularizer, params, data, rhs, max_steps, rtol)
-    failed = np.flatnonzero(~np.asarray(converged))
+    solution, converged = kernels.solve_cg_batch(params, data, rhs, max_steps, rtol)
+    # CG can stop at once, "converged", on a NaN right-hand side (a NaN residual norm is
+    # not above the tolerance): check the inputs and the outputs.
+    finite = np.all(np.isfinite(rhs), axis=1) & np.all(np.isfinite(solution), axis=1)
+    failed = np.flatnonzero(~(np.asarray(converged) & finite))
     if failed.size:
-        raise SingularSystemError(
+        _raise_if_nonfinite(kernels, params, data, caller=caller)
+        raise _refusal(
+            SingularSystemError,
+            "singular",
             f"dargmin.sensitivity.{caller}: conjugate gradients on the Hessian did not reach "
             f"rtol={rtol:.2g} within max_steps={max_steps} for {failed.size} of "
             f"{converged.shape[0]} right-hand sides (first: {failed[:5].tolist()}): the "
             "Hessian is ill-conditioned or not positive definite. Raise max_steps, add a "
-            "regularizer, or use linear_solver='cholesky'."
+            "regularizer, or use linear_solver='cholesky'.",
         )
     return solution
+
+
+def _check_gradients(
+    kernels: _Kernels, params: PyTree, data: PyTree, gradients: jax.Array, caller: str
+) -> None:
+    """The per-example gradients are the right-hand sides of every solve: refuse NaN/inf."""
+    if not bool(jnp.all(jnp.isfinite(gradients))):
+        _raise_if_nonfinite(kernels, params, data, caller=caller)
 
 
 # ----------------------------------------------------------------------------- influence
@@ -367,9 +734,15 @@ def influence_on_params(
     Raises
     ------
     dargmin.NonStationaryPointError
-        ``params`` is not a minimizer (the fit has not converged).
+        ``params`` is not a minimizer (the fit has not converged), or NaN / inf in
+        ``params``, ``data`` or the gradients (``[reason: nonfinite]``, naming the leaves
+        and examples that hold them).
     dargmin.SingularSystemError
-        The Hessian is singular or not positive definite, or CG did not converge.
+        The Hessian is singular, not positive definite or not finite, or CG did not
+        converge.
+    TypeError
+        A leaf of ``data`` is not numeric (strings, objects, dates). pandas ``DataFrame`` /
+        ``Series`` leaves are converted with ``.to_numpy()``.
 
     Examples
     --------
@@ -379,22 +752,22 @@ def influence_on_params(
     >>> influence_on_params(loss, jnp.mean(data), data).tolist()  # (z_i - mean) / n
     [-0.667, -0.333, 1.0]
     """
+    caller = "influence_on_params"
+    params, data = _as_arrays(params, "params", caller), _as_arrays(data, "data", caller)
     _num_examples(data)
     _resolve_solver(linear_solver, 1)  # reject a bad name before the (costly) check
-    _check_stationary(
-        loss, regularizer, params, data, check=check, tol=tol, caller="influence_on_params"
-    )
-    gradients = _example_gradients(loss, regularizer, params, data)
+    kernels = _kernels(loss, regularizer)
+    _check_stationary(kernels, params, data, check=check, tol=tol, caller=caller)
+    gradients = kernels.example_gradients(params, data)
     solved = _solve_hessian(
-        loss,
-        regularizer,
+        kernels,
         params,
         data,
         gradients,
         linear_solver=linear_solver,
         rtol=solve_rtol,
         max_steps=max_steps,
-        caller="influence_on_params",
+        caller=caller,
     )
     unravel = ravel_pytree(params)[1]
     return jax.vmap(unravel)(-solved)
@@ -453,10 +826,11 @@ def influence_on_function(
     >>> influence_on_function(test_loss, loss, jnp.mean(data), data).tolist()
     [-0.667, -0.333, 1.0]
     """
+    caller = "influence_on_function"
+    params, data = _as_arrays(params, "params", caller), _as_arrays(data, "data", caller)
     n = _num_examples(data)
-    _check_stationary(
-        loss, regularizer, params, data, check=check, tol=tol, caller="influence_on_function"
-    )
+    kernels = _kernels(loss, regularizer)
+    _check_stationary(kernels, params, data, check=check, tol=tol, caller=caller)
     flat, unravel = ravel_pytree(params)
     # One evaluation of fn (cheap next to the solves) gives the output layout to rebuild.
     out_flat, unravel_out = ravel_pytree(fn(params))
@@ -465,27 +839,34 @@ def influence_on_function(
     def flat_fn(theta: jax.Array) -> jax.Array:
         return ravel_pytree(fn(unravel(theta)))[0]
 
-    gradients = _example_gradients(loss, regularizer, params, data)
+    gradients = kernels.example_gradients(params, data)
+    _check_gradients(kernels, params, data, gradients, caller)
     solve = functools.partial(
         _solve_hessian,
-        loss,
-        regularizer,
+        kernels,
         params,
         data,
         linear_solver=linear_solver,
         rtol=solve_rtol,
         max_steps=max_steps,
-        caller="influence_on_function",
+        caller=caller,
     )
-    if m <= n:
-        # Reverse: m solves with the rows of the Jacobian of f (H is symmetric, so
-        # ∇fₖᵀH⁻¹gᵢ = (H⁻¹∇fₖ)ᵀgᵢ), then an (n × p)(p × m) product.
-        jac = jax.jacrev(flat_fn)(flat).reshape(m, flat.size)
-        result = -gradients @ solve(jac).T
-    else:
-        # Forward: the n parameter influences pushed through the Jacobian of f.
-        jac = jax.jacfwd(flat_fn)(flat).reshape(m, flat.size)
-        result = -solve(gradients) @ jac.T
+    # Reverse (m ≤ n): m solves with the rows of the Jacobian of f (H is symmetric, so
+    # ∇fₖᵀH⁻¹gᵢ = (H⁻¹∇fₖ)ᵀgᵢ), then an (n × p)(p × m) product. Forward: the n parameter
+    # influences pushed through the Jacobian of f.
+    jacobian = jax.jacrev if m <= n else jax.jacfwd
+    jac = jacobian(flat_fn)(flat).reshape(m, flat.size)
+    count = int(jnp.sum(~jnp.isfinite(jac)))
+    if count:
+        causes = _nonfinite_leaves(params, "params", False)
+        raise _refusal(
+            DargminError,
+            "nonfinite",
+            f"dargmin.sensitivity.{caller}: the Jacobian of fn at params has {count} "
+            f"non-finite entr{'ies' if count > 1 else 'y'} of {jac.size}: "
+            + ("; ".join(causes) + "." if causes else "fn's derivative is not finite there."),
+        )
+    result = -gradients @ solve(jac).T if m <= n else -solve(gradients) @ jac.T
     return jax.vmap(unravel_out)(result)
 
 
@@ -552,7 +933,6 @@ def infinitesimal_jackknife(
     return jax.tree_util.tree_map(lambda p, d: p[None] - d, params, influence)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 4))
 def _newton_dense(
     loss: Loss, regularizer: Regularizer, params: PyTree, data: PyTree, batch_size: int
 ):
@@ -571,7 +951,6 @@ def _newton_dense(
     return _map_examples(one, data, batch_size)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 4, 5))
 def _newton_woodbury(
     loss: Loss,
     regularizer: Regularizer,
@@ -627,7 +1006,6 @@ def _newton_woodbury(
     return _map_examples(one, data, batch_size)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 4, 5))
 def _newton_cg(
     loss: Loss,
     regularizer: Regularizer,
@@ -649,8 +1027,11 @@ def _newton_cg(
             example_hvp = jax.jvp(lambda t: jax.grad(example_loss)(t, example), (flat,), (v,))
             return total_hvp(v) - example_hvp[1]
 
-        solution = solve_cg_with_info(leave_out_hvp, g, rtol=rtol, max_steps=max_steps)
-        return solution.value, solution.converged
+        solution = solve_cg(leave_out_hvp, g, rtol=rtol, max_steps=max_steps, throw=False)
+        # CG may report a NaN right-hand side as converged (its NaN residual norm is not
+        # above the tolerance).
+        finite = jnp.all(jnp.isfinite(g)) & jnp.all(jnp.isfinite(solution.value))
+        return solution.value, solution.converged & finite
 
     return jax.vmap(one)(data)
 
@@ -725,7 +1106,7 @@ def approximate_leave_one_out(
     >>> approximate_leave_one_out(loss, jnp.mean(data), data)
     Array([3. , 2.5, 0.5], dtype=float32)
     """
-    common = {
+    common: dict[str, Any] = {
         "regularizer": regularizer,
         "linear_solver": linear_solver,
         "check": check,
@@ -737,19 +1118,20 @@ def approximate_leave_one_out(
         return infinitesimal_jackknife(loss, params, data, **common)
     if method != "newton":
         raise ValueError(f"method must be 'ij' or 'newton', got {method!r}.")
+    name = "approximate_leave_one_out"
+    params, data = _as_arrays(params, "params", name), _as_arrays(data, "data", name)
     n = _num_examples(data)
-    _check_stationary(
-        loss, regularizer, params, data, check=check, tol=tol, caller="approximate_leave_one_out"
-    )
+    kernels = _kernels(loss, regularizer)
+    _check_stationary(kernels, params, data, check=check, tol=tol, caller=name)
     flat, unravel = ravel_pytree(params)
     p = flat.size
-    caller = "dargmin.sensitivity.approximate_leave_one_out"
+    caller = f"dargmin.sensitivity.{name}"
     if hessian_rank is not None:
         rank = int(hessian_rank)
         if not 1 <= rank <= p:
             raise ValueError(f"hessian_rank must be in [1, {p}], got {hessian_rank!r}.")
-        steps, mismatch = _newton_woodbury(
-            loss, regularizer, params, data, rank, _WOODBURY_BATCH, jax.random.key(seed)
+        steps, mismatch = kernels.newton_woodbury(
+            params, data, rank, _WOODBURY_BATCH, jax.random.key(seed)
         )
         eps = float(jnp.finfo(flat.dtype).eps)
         worst = int(jnp.argmax(mismatch))
@@ -761,27 +1143,57 @@ def approximate_leave_one_out(
                 "hessian_rank or leave it None."
             )
     elif _resolve_solver(linear_solver, p) in ("cholesky", "lu"):
-        steps = _newton_dense(loss, regularizer, params, data, _HESSIAN_BATCH)
+        steps = kernels.newton_dense(params, data, _HESSIAN_BATCH)
     else:
         rtol = float(solve_rtol) if solve_rtol is not None else _default_rtol(flat.dtype)
         steps_cap = max_steps if max_steps is not None else max(10 * p, 100)
-        steps, converged = _newton_cg(loss, regularizer, params, data, steps_cap, rtol)
+        steps, converged = kernels.newton_cg(params, data, steps_cap, rtol)
         failed = np.flatnonzero(~np.asarray(converged))
         if failed.size:
-            raise SingularSystemError(
+            _raise_if_nonfinite(kernels, params, data, caller=name)
+            raise _refusal(
+                SingularSystemError,
+                "singular",
                 f"{caller}: conjugate gradients on the leave-one-out Hessians H - H_i did not "
                 f"converge within {steps_cap} steps for {failed.size} of {n} examples (first: "
                 f"{failed[:5].tolist()}); removing those examples may leave a singular "
-                "problem. Add a regularizer or raise max_steps."
+                "problem. Add a regularizer or raise max_steps.",
             )
     bad = np.flatnonzero(~np.all(np.isfinite(np.asarray(steps)), axis=1))
     if bad.size:
-        raise SingularSystemError(
+        _raise_if_nonfinite(kernels, params, data, caller=name)
+        if hessian_rank is not None:
+            _check_cholesky(kernels, params, data, caller)
+        raise _refusal(
+            SingularSystemError,
+            "singular",
             f"{caller}: the leave-one-out Hessian H - H_i is singular for {bad.size} of {n} "
             f"examples (first: {bad[:5].tolist()}): without them the problem has no unique "
-            "minimizer. Add a regularizer, or use method='ij'."
+            "minimizer. Add a regularizer, or use method='ij'.",
         )
     return jax.vmap(lambda s: unravel(flat + s))(steps)
+
+
+def _check_cholesky(kernels: _Kernels, params: PyTree, data: PyTree, caller: str) -> None:
+    """The Woodbury path factorizes ``H`` by Cholesky: refuse, with its eigenvalues, an ``H``
+    that is not positive definite (a saddle or a singular fit let through by ``check``)."""
+    spectrum = np.linalg.eigvalsh(np.asarray(kernels.total_hessian(params, data)))
+    lo, hi = float(spectrum[0]), float(spectrum[-1])
+    eps = float(np.finfo(spectrum.dtype).eps)
+    if lo > spectrum.size * eps * max(abs(hi), np.finfo(spectrum.dtype).tiny):
+        return
+    reason, what = (
+        ("not_minimum", "not positive definite: params is not a minimum")
+        if lo < 0
+        else ("singular", "singular: the minimum is not unique")
+    )
+    raise _refusal(
+        SingularSystemError,
+        reason,
+        f"{caller}: the Hessian H is {what} (its eigenvalues lie in [{lo:.3g}, {hi:.3g}]), "
+        "and the Woodbury updates of hessian_rank= need its Cholesky factorization. Add a "
+        "regularizer, or leave hessian_rank=None (dense LU per example).",
+    )
 
 
 def approximate_cv_error(
@@ -833,6 +1245,8 @@ solve_rtol, max_steps, seed
     Array(5.25, dtype=float32)
     """
     metric = loss if metric is None else metric
+    params = _as_arrays(params, "params", "approximate_cv_error")
+    data = _as_arrays(data, "data", "approximate_cv_error")
     left_out = approximate_leave_one_out(
         loss,
         params,

@@ -10,38 +10,77 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from dargmin.hyper._criteria import HeldOutLogistic
-from dargmin.hyper._estimators import _COMMON_PARAMS_DOC, _HyperCVBase
+from dargmin.hyper._estimators import _HyperCVBase
 from dargmin.hyper._problems import sparse_logistic
 
 
 class SparseLogisticHyperCV(ClassifierMixin, _HyperCVBase):
-    (
-        """Binary ℓ1 logistic regression with ``alpha`` tuned on the CV log-loss.
+    """Binary ℓ1 logistic regression with ``alpha`` tuned on the cross-validated log-loss.
 
-    ``(1/n)Σ log(1 + e^{−yᵢ(xᵢᵀw + b)}) + alpha‖w‖₁``; scikit-learn's
-    ``LogisticRegression(penalty="l1")`` uses ``C_ = 1/(n alpha_)``.
-    """
-        + _COMMON_PARAMS_DOC
-        + """
+    Objective: ``(1/n)Σ log(1 + e^{−yᵢ(xᵢᵀw + b)}) + alpha‖w‖₁`` with labels mapped to
+    ``yᵢ = ±1`` (``+1`` for ``classes_[1]``); scikit-learn's
+    ``LogisticRegression(penalty="l1")`` is the same model with ``C_ = 1/(n alpha_)``. The
+    CV criterion, the mean held-out log-loss (:class:`~dargmin.hyper.HeldOutLogistic`
+    averaged by :class:`~dargmin.hyper.CrossVal`), is minimized over ``log alpha`` with
+    hypergradients, and the model is then refit on all the data. Folds are stratified when
+    ``cv`` is an int and every class has at least ``cv`` samples.
+
+    Parameters
+    ----------
+    cv : int or cross-validation splitter, default=5
+        Folds of the cross-validation criterion (mean held-out loss over folds).
+    method : str or HypergradientMethod, default="implicit"
+        Hypergradient method (:func:`dargmin.hyper.hypergradient`): an object such as
+        ``ImplicitSupport()`` or a name ("implicit", "implicit_forward", "forward", "reverse").
+    optimizer : "gd", "lbfgs", an optimizer object or an optax optimizer, default="gd"
+        Outer optimizer (:func:`dargmin.hyper.minimize_hyper`).
+    solver : str or solver object, default="auto"
+        Inner solver: "auto", "cd", "fista", "sklearn" or an instance.
+    max_iter : int, default=30
+        Maximal number of outer iterations.
+    fit_intercept : bool, default=True
+        Fit an unpenalized intercept.
+    verbose : bool, default=False
+        Show a tqdm progress bar.
+
     Attributes
     ----------
-    alpha_, C_ : float
-        Selected strength and its ``LogisticRegression`` equivalent.
+    alpha_ : float
+        Selected regularization strength.
+    C_ : float
+        Its ``LogisticRegression`` equivalent, ``1/(n_samples alpha_)``.
     classes_ : ndarray of shape (2,)
+        The two class labels; ``classes_[1]`` is the positive class.
     coef_ : ndarray of shape (1, n_features)
+        Coefficients refit on all the data at the selected hyperparameters.
     intercept_ : ndarray of shape (1,)
-    path_, n_iter_, cv_score_
-        As in :class:`LassoHyperCV`.
+        Intercept of the refit (0 when ``fit_intercept=False``).
+    log_theta_ : ndarray of shape (1,)
+        Selected ``log alpha``.
+    path_ : dargmin.hyper.Monitor
+        Every evaluation of the outer search (time, log θ, CV loss, gradient norm).
+    n_iter_ : int
+        Outer iterations.
+    n_evals_ : int
+        Criterion evaluations (each solves ``cv`` inner problems).
+    cv_score_ : float
+        Mean CV log-loss at the selected hyperparameters.
+    n_features_in_ : int
+        Number of features seen by :meth:`fit`.
+
+    See Also
+    --------
+    LassoHyperCV : The regression counterpart.
+    dargmin.hyper.sparse_logistic : The inner problem.
 
     Examples
     --------
     >>> from sklearn.datasets import make_classification
-    >>> X, y = make_classification(80, 10, n_informative=3, random_state=0)
+    >>> X, y = make_classification(80, 10, n_informative=3, class_sep=2.0, random_state=0)
     >>> est = SparseLogisticHyperCV(cv=3, max_iter=10).fit(X, y)
-    >>> est.score(X, y) > 0.8
-    True
+    >>> est.alpha_ > 0, est.score(X, y) > 0.85
+    (True, True)
     """
-    )
 
     _criterion = HeldOutLogistic
 
