@@ -457,4 +457,5 @@ def test_a_dropped_solver_is_freed_with_its_compiled_rule():
     refs = [make() for _ in range(3)]
     gc.collect()
     assert all(ref() is None for pair in refs for ref in pair)
-    assert len(implicit._RULES) == before
+    # Other tests' dropped solvers may be collected too: the cache never grows.
+    assert len(implicit._RULES) <= before
