@@ -40,7 +40,6 @@ from dargmin.krylov import ConjugateGradient
 from dargmin.linear_solvers import (
     DENSE_MAX_SIZE_REUSED,
     Auto,
-    CheckedSolver,
     Factorization,
     LinearSolver,
     as_linear_solver,
@@ -208,10 +207,7 @@ def measure(
         if positive_definite and not certified_by_factor:
             # No factorization certifies definiteness (LU/QR/SVD chosen for a minimum): the
             # smallest eigenvalue cannot miss a negative direction, unlike a random probe.
-            eigenvalues = jnp.linalg.eigvalsh(0.5 * (matrix + matrix.T))
-            magnitudes = jnp.abs(eigenvalues)
-            curvature = _beyond_rounding(eigenvalues[0], jnp.max(magnitudes), matrix.shape[0])
-            condition = jnp.max(magnitudes) / jnp.min(magnitudes)
+            curvature, condition = _spectrum(matrix)
         else:
             condition = _condition_lower_bound(system, matrix)
             if certified_by_factor:
@@ -235,8 +231,17 @@ def measure(
 # Module-level branches: jax.lax.cond caches its compilation on the functions' identity, so
 # fresh lambdas would compile (and keep) a new executable at every eager call.
 def _smallest_eigenvalue(matrix: jax.Array) -> jax.Array:
+    return _spectrum(matrix)[0]
+
+
+def _spectrum(matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Smallest eigenvalue (rounding-level negatives read as 0) and condition number of the
+    symmetrized ``matrix``, from one ``eigvalsh``."""
     eigenvalues = jnp.linalg.eigvalsh(0.5 * (matrix + matrix.T))
-    return _beyond_rounding(eigenvalues[0], jnp.max(jnp.abs(eigenvalues)), matrix.shape[0])
+    magnitudes = jnp.abs(eigenvalues)
+    largest = jnp.max(magnitudes)
+    curvature = _beyond_rounding(eigenvalues[0], largest, matrix.shape[0])
+    return curvature, largest / jnp.min(magnitudes)
 
 
 def _beyond_rounding(curvature: jax.Array, scale: jax.Array, n: int) -> jax.Array:
@@ -265,8 +270,7 @@ def _condition_lower_bound(system: Factorization, matrix: jax.Array) -> jax.Arra
     fixed pseudo-random vector: O(n²) with the factors, never above the true condition
     number (so it never raises a false alarm), and within a small factor of it unless the
     probe is nearly orthogonal to the extreme singular vectors."""
-    n = matrix.shape[0]
-    v = jax.random.normal(jax.random.key(0), (n,), dtype=matrix.dtype)
+    v = _probe((matrix.shape[0],), matrix.dtype)
     v = v / jnp.linalg.norm(v)
     w = matrix.T @ (matrix @ v)
     norm_a = jnp.sqrt(jnp.linalg.norm(w))  # ≤ ‖A‖ (one step of power iteration on AᵀA)
@@ -279,8 +283,13 @@ def _condition_lower_bound(system: Factorization, matrix: jax.Array) -> jax.Arra
     return jnp.where(jnp.isfinite(scale), norm_a * scale, jnp.nan)
 
 
+def _probe(shape: tuple[int, ...], dtype: Any) -> jax.Array:
+    """The fixed pseudo-random vector every probe of the diagnosis uses (reproducible)."""
+    return jax.random.normal(jax.random.key(0), shape, dtype=dtype)
+
+
 def _curvature_probe(system: Factorization, flat_r: jax.Array) -> jax.Array:
-    probe = jax.random.normal(jax.random.key(0), flat_r.shape, dtype=flat_r.dtype)
+    probe = _probe(flat_r.shape, flat_r.dtype)
     cg = ConjugateGradient(rtol=0.1, atol=0.0, max_steps=max(2 * flat_r.size, 20))
     operator = system.operator
     if not lx.is_positive_semidefinite(operator):
@@ -299,7 +308,7 @@ def _scale(system: Factorization, probe: jax.Array) -> jax.Array:
 
 
 def _runs_conjugate_gradients(system: Factorization) -> bool:
-    return isinstance(getattr(system.solver, "inner", system.solver), ConjugateGradient)
+    return isinstance(system.unchecked_solver()[0], ConjugateGradient)
 
 
 def _newton_step_and_curvature(
@@ -307,9 +316,8 @@ def _newton_step_and_curvature(
 ) -> tuple[PyTree, jax.Array, jax.Array]:
     """CG on ``[residual, probe]`` in one batched loop: the Newton step, its failure flag and
     the smallest Rayleigh quotient met (a negative value proves the Hessian indefinite)."""
-    inner = system.solver.inner if isinstance(system.solver, CheckedSolver) else system.solver
-    state = system.state[0] if isinstance(system.solver, CheckedSolver) else system.state
-    probe = jax.random.normal(jax.random.key(0), flat_r.shape, dtype=flat_r.dtype)
+    inner, state = system.unchecked_solver()
+    probe = _probe(flat_r.shape, flat_r.dtype)
     probe = probe * jnp.maximum(jnp.linalg.norm(flat_r), 1.0) / jnp.linalg.norm(probe)
 
     def solve(b: jax.Array) -> tuple[PyTree, jax.Array, jax.Array]:
@@ -321,6 +329,24 @@ def _newton_step_and_curvature(
     newton = jax.tree_util.tree_map(lambda leaf: leaf[0], values)
     curvature = jnp.min(curvatures).astype(flat_r.dtype)
     return newton, failures[0], _beyond_rounding(curvature, _scale(system, probe), probe.size)
+
+
+def judge(
+    check: Check, *, kind: str, positive_definite: bool, dtype: Any
+) -> Callable[..., np.ndarray]:
+    """The host-side verdict on the five measurements, configured by ``check``: what
+    :func:`report` calls through its callback, and what eager callers (``TaylorExpansion``)
+    call directly with floats. Raises or warns per ``check.mode``; returns zeros."""
+    tol, max_condition = check.tolerances(dtype)
+    return functools.partial(
+        report_implicit_check,
+        kind=kind,
+        mode=check.mode,
+        tol=tol,
+        max_condition=max_condition,
+        expect_positive_definite=positive_definite,
+        dtype=np.dtype(dtype),
+    )
 
 
 def report(
@@ -337,15 +363,7 @@ def report(
     depend on, so that the check is never dead code and runs before the derivative is used.
     """
     tol, max_condition = check.tolerances(dtype)
-    host = functools.partial(
-        report_implicit_check,
-        kind=kind,
-        mode=check.mode,
-        tol=tol,
-        max_condition=max_condition,
-        expect_positive_definite=positive_definite,
-        dtype=np.dtype(dtype),
-    )
+    host = judge(check, kind=kind, positive_definite=positive_definite, dtype=dtype)
     values = tuple(jax.lax.stop_gradient(m) for m in measurements)
     residual_norm, x_norm, newton_step, condition, curvature = values
     # The verdict's triggers, on the device: the host is called only when some batch member
@@ -773,12 +791,11 @@ def _resolve_kind(kind: str, out: Any, x: PyTree, n: int) -> str:
     )
 
 
-def newton_system_for(
-    system: Factorization, strategy: LinearSolver, *, context: str
-) -> Factorization | None:
+def newton_system_for(system: Factorization, strategy: LinearSolver) -> Factorization | None:
     """The cheaper system the Newton step is measured with: ``None`` (reuse ``system``) for
     dense strategies, the same Krylov method at ``rtol=0.1`` otherwise — one digit of the
-    step is enough to compare it with ``tol``, and costs a few iterations."""
+    step is enough to compare it with ``tol``, and costs a few iterations. The prepared
+    (linearised) operator of ``system`` is reused."""
     if strategy.dense:
         return None
     # Keep the derivative solve's absolute floor: with 1e-3·rtol = 1e-4 as the floor, CG
@@ -788,7 +805,7 @@ def newton_system_for(
     strategy = with_tolerances(
         strategy, rtol=0.1, atol=atol if atol is not None else default_tolerances(dtype)[1]
     )
-    return factorize(system.operator, strategy, context=context)
+    return system.with_strategy(strategy)
 
 
 def _measure_at(
@@ -810,5 +827,5 @@ def _measure_at(
         system,
         strategy,
         positive_definite=positive_definite,
-        newton_system=newton_system_for(system, strategy, context="check_optimum"),
+        newton_system=newton_system_for(system, strategy),
     )

@@ -34,7 +34,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import lineax as lx
@@ -48,6 +47,7 @@ from dargmin.linear_solvers import (
     as_linear_solver,
     factorize,
     operator_tags,
+    stop_gradient_arrays,
     with_tolerances,
 )
 
@@ -153,10 +153,8 @@ def _implicit_solution_jvp(g, cfg, primals, tangents):
     if cfg.check.mode != "ignore":
         frozen = jax.lax.stop_gradient  # the check is measured, never differentiated
         frozen_x = frozen(x)
-        frozen_system = jax.tree_util.tree_map(
-            lambda leaf: frozen(leaf) if eqx.is_array(leaf) else leaf, system
-        )
-        newton_system = diagnostics.newton_system_for(frozen_system, strategy, context=cfg.kind)
+        frozen_system = stop_gradient_arrays(system)
+        newton_system = diagnostics.newton_system_for(frozen_system, strategy)
         measurements = diagnostics.measure(
             frozen(g(x, *args)),
             frozen_x,

@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from typing import Any, ClassVar, Literal
 
 import equinox as eqx
@@ -95,6 +96,7 @@ __all__ = [
     "factorize",
     "make_linear_solver",
     "operator_tags",
+    "stop_gradient_arrays",
     "two_norm",
     "with_tolerances",
 ]
@@ -451,6 +453,7 @@ _RESULT_NAMES = {
 def _report_failed_solve(
     code: Any,
     nonfinite: Any,
+    stalled: Any,
     residual: Any,
     rhs_norm: Any,
     steps: Any,
@@ -464,20 +467,31 @@ def _report_failed_solve(
     size: int,
     dtype: Any,
     max_condition: float,
-    atol: float,
 ) -> np.ndarray:
     """Host side of :class:`CheckedSolver`: raise or warn, naming the numbers, per member."""
     arrays = [
         np.asarray(v, dtype=float)
-        for v in (code, nonfinite, residual, rhs_norm, steps, condition, rank, dropped)
+        for v in (code, nonfinite, stalled, residual, rhs_norm, steps, condition, rank, dropped)
     ]
     shape = np.broadcast_shapes(*(a.shape for a in arrays))
     zeros = np.zeros(shape, dtype=dtype)
     members = [np.broadcast_to(a, shape).ravel() for a in arrays]
+    first_warning: str | None = None
     for i in range(int(np.prod(shape, dtype=int))):
-        c, bad, res, bnorm, k, cond, r, drop = (float(m[i]) for m in members)
+        c, bad, stall, res, bnorm, k, cond, r, drop = (float(m[i]) for m in members)
         message = _failed_solve_message(
-            int(c), bool(bad), res, bnorm, k, cond, r, drop, solver_name, size, max_condition, atol
+            int(c),
+            bool(bad),
+            bool(stall),
+            res,
+            bnorm,
+            k,
+            cond,
+            r,
+            drop,
+            solver_name,
+            size,
+            max_condition,
         )
         if message is None:
             continue
@@ -486,19 +500,20 @@ def _report_failed_solve(
         where = f" (batch member {member} of {tuple(shape)})" if shape else ""
         full = f"dargmin.{context}: {text}{where} [reason: {reason}]"
         if is_error and mode != "warn":
+            # Any member's failure refuses the batch, even after a member that only warns.
             error = SingularSystemError(full)
             error.reason = reason
             raise error
-        import warnings
-
-        warnings.warn(full, DargminWarning, stacklevel=2)
-        return zeros
+        first_warning = first_warning or full
+    if first_warning is not None:
+        warnings.warn(first_warning, DargminWarning, stacklevel=2)
     return zeros
 
 
 def _failed_solve_message(
     code: int,
     nonfinite: bool,
+    stalled: bool,
     residual: float,
     rhs_norm: float,
     steps: float,
@@ -508,7 +523,6 @@ def _failed_solve_message(
     solver_name: str,
     size: int,
     max_condition: float = np.inf,
-    atol: float = 0.0,
 ) -> tuple[str, str, bool] | None:
     result = _RESULT_NAMES.get(code, str(code))
     relative = residual / rhs_norm if rhs_norm > 0 else residual
@@ -540,9 +554,7 @@ def _failed_solve_message(
             "singular",
             True,
         )
-    if result in ("max_steps_reached", "stagnation", "conlim") or (
-        np.isfinite(relative) and relative > 1e-2 and residual > 100 * atol
-    ):
+    if result in ("max_steps_reached", "stagnation", "conlim") or stalled:
         cond_text = (
             f"; the solver's condition estimate is {condition:.3g}"
             if np.isfinite(condition) and condition > 0
@@ -570,8 +582,8 @@ def _failed_solve_message(
         return (
             f"the least-squares (pseudo-inverse) solve used rank {rank:.0f} of {size} and "
             f"dropped a part of norm {dropped:.3g} of the right-hand side (relative "
-            f"{relative:.3g}): the result is the minimum-norm solution, a derivative only in "
-            "the directions kept.",
+            f"{dropped / rhs_norm if rhs_norm > 0 else dropped:.3g}): the result is the "
+            "minimum-norm solution, a derivative only in the directions kept.",
             "singular",
             False,
         )
@@ -649,18 +661,23 @@ class CheckedSolver(lx.AbstractLinearSolver):
             size=int(flat_b.size),
             dtype=np.dtype(real),
             max_condition=self.max_condition,
-            atol=float(getattr(self.inner, "atol", 0.0)),
         )
         rhs_norm = jnp.linalg.norm(flat_b)
         steps = jnp.asarray(steps, real)
         condition = jnp.asarray(condition, real)
+        # A solve "returned successful" whose true residual is far above what it was asked
+        # for (10× its rtol, and at least 1 %) and above rounding of its absolute floor: LSMR
+        # settling for least squares on a square system, or a solver's own stopping test
+        # fooled (lineax's max norm).
+        rtol = float(getattr(self.inner, "rtol", 0.0))
         atol = float(getattr(self.inner, "atol", 0.0))
+        stalled = (residual > max(1e-2, 10 * rtol) * rhs_norm) & (residual > 100 * atol)
         # The report's triggers, on the device: the host is called only when some batch
         # member may have failed (a host round trip on every solve doubled small solves).
         suspicious = (
             (code != 0)
             | nonfinite
-            | ((residual > 1e-2 * rhs_norm) & (residual > 100 * atol))
+            | stalled
             | ((rank >= 0) & (rank < flat_b.size) & (dropped > 0))
             | (condition > self.max_condition)
         )
@@ -670,7 +687,7 @@ class CheckedSolver(lx.AbstractLinearSolver):
                 report, jax.ShapeDtypeStruct((), real), *args, vmap_method="expand_dims"
             ),
             lambda args: jnp.zeros((), real),
-            (code, nonfinite, residual, rhs_norm, steps, condition, rank, dropped),
+            (code, nonfinite, stalled, residual, rhs_norm, steps, condition, rank, dropped),
         )
         solution = jax.tree_util.tree_map(lambda leaf: leaf + zero.astype(leaf.dtype), solution)
         return solution, lx.RESULTS.successful, stats
@@ -709,10 +726,31 @@ class Factorization(eqx.Module):
     def solve_unchecked(self, rhs: Any) -> tuple[Any, jax.Array]:
         """Solve without the failure report; return ``(x, failed)`` with a boolean flag
         (used by the diagnosis, which measures rather than refuses)."""
-        solver = self.solver.inner if isinstance(self.solver, CheckedSolver) else self.solver
-        state = self.state[0] if isinstance(self.solver, CheckedSolver) else self.state
+        solver, state = self.unchecked_solver()
         sol = lx.linear_solve(self.operator, rhs, solver, state=state, throw=False)
         return sol.value, sol.result != lx.RESULTS.successful
+
+    def unchecked_solver(self) -> tuple[lx.AbstractLinearSolver, Any]:
+        """The lineax solver and state without the :class:`CheckedSolver` wrapper."""
+        if isinstance(self.solver, CheckedSolver):
+            return self.solver.inner, self.state[0]
+        return self.solver, self.state
+
+    def with_strategy(self, strategy: LinearSolver) -> Factorization:
+        """The same system under another strategy (e.g. a looser Krylov tolerance).
+
+        When the lineax solver type is unchanged the prepared state is reused: a Krylov
+        solver's state is its (linearised) operator, which does not depend on tolerances,
+        so the system is not linearised a second time.
+        """
+        size = int(self.operator.in_size())
+        dtype = jax.tree_util.tree_leaves(self.operator.in_structure())[0].dtype
+        inner = strategy.lineax_solver(size, dtype)
+        checked = self.solver
+        if not isinstance(checked, CheckedSolver) or type(inner) is not type(checked.inner):
+            return factorize(self.operator, strategy)
+        retuned = dataclasses.replace(checked, inner=inner, solver_name=strategy.name)
+        return Factorization(self.operator, retuned, self.state)
 
 
 def factorize(
@@ -742,10 +780,22 @@ def factorize(
     # The factors are a function of the operator's value only: lineax differentiates a solve
     # through the operator itself, so factorizing a stopped copy spares JAX from tracing (or,
     # for QR, failing on) the factorization's own derivative under higher-order AD.
-    stopped = jax.tree_util.tree_map(
-        lambda leaf: jax.lax.stop_gradient(leaf) if eqx.is_array(leaf) else leaf, operator
+    return Factorization(operator, checked, checked.init(stop_gradient_arrays(operator), {}))
+
+
+def stop_gradient_arrays(tree: Any) -> Any:
+    """``jax.lax.stop_gradient`` on the array leaves of ``tree`` (an operator or a
+    :class:`Factorization`, whose other leaves — functions, jaxprs — pass unchanged).
+
+    Examples
+    --------
+    >>> op = lx.MatrixLinearOperator(jnp.eye(2))
+    >>> float(jax.grad(lambda a: stop_gradient_arrays(a * op).as_matrix().sum())(1.0))
+    0.0
+    """
+    return jax.tree_util.tree_map(
+        lambda leaf: jax.lax.stop_gradient(leaf) if eqx.is_array(leaf) else leaf, tree
     )
-    return Factorization(operator, checked, checked.init(stopped, {}))
 
 
 def make_linear_solver(
@@ -759,8 +809,6 @@ def make_linear_solver(
     dense_max_size: int = DENSE_MAX_SIZE,
 ) -> lx.AbstractLinearSolver:
     """Deprecated: use a strategy (``dargmin.linear_solvers.CG(rtol=...)``, ...) instead."""
-    import warnings
-
     warnings.warn(
         "make_linear_solver is deprecated and will be removed in dargmin 0.3; pass a "
         "strategy from dargmin.linear_solvers (e.g. CG(rtol=1e-10), Cholesky(), "

@@ -427,26 +427,21 @@ class TaylorExpansion:
             system,
             strategy,
             positive_definite=self._positive_definite,
-            newton_system=diagnostics.newton_system_for(
-                system, strategy, context="TaylorExpansion"
-            ),
+            newton_system=diagnostics.newton_system_for(system, strategy),
         )
 
     def _diagnose(self) -> None:
         """Measure stationarity, conditioning and definiteness at ``(x₀, θ₀)``; judge them with
         the shared verdict (:func:`dargmin.diagnostics.report_implicit_check`)."""
         measurements = jax.jit(self._measure)(self._state())  # one call: eager dispatch is slow
-        tol, max_condition = self._check.tolerances(self._dtype)
+        verdict = diagnostics.judge(
+            self._check,
+            kind=self._kind,
+            positive_definite=self._positive_definite,
+            dtype=self._dtype,
+        )
         try:
-            diagnostics.report_implicit_check(
-                *(float(v) for v in measurements),
-                kind=self._kind,
-                mode=self._check.mode,
-                tol=tol,
-                max_condition=max_condition,
-                expect_positive_definite=self._positive_definite,
-                dtype=np.dtype(self._dtype),
-            )
+            verdict(*(float(v) for v in measurements))
         except diagnostics.DargminError as err:
             error = type(err)(f"TaylorExpansion at (x0, theta0): {err}")
             error.reason = err.reason
