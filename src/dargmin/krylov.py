@@ -67,7 +67,7 @@ from dargmin.typing import FlatMatvec, PyTree, Vector
 __all__ = ["MINRES", "ConjugateGradient"]
 
 
-def _check_tolerances(solver: ConjugateGradient | MINRES) -> None:
+def _check_tolerances(solver: _SymmetricKrylov) -> None:
     for name in ("rtol", "atol"):
         value = getattr(solver, name)
         if isinstance(value, int | float) and value < 0:
@@ -120,7 +120,42 @@ def _flat_problem(
     return b, matvec, unravel
 
 
-class ConjugateGradient(lx.AbstractLinearSolver):
+class _SymmetricKrylov(lx.AbstractLinearSolver):
+    """What dargmin's CG and MINRES share: tolerances, the operator check, and the
+    symmetric-real transposition rules (the solver of ``Aᵀ`` is the solver of ``A``)."""
+
+    rtol: float
+    atol: float
+    max_steps: int | None = None
+
+    def __check_init__(self) -> None:
+        _check_tolerances(self)
+
+    def init(
+        self, operator: lx.AbstractLinearOperator, options: dict[str, Any]
+    ) -> lx.AbstractLinearOperator:
+        """Check the operator (square, real, symmetric tag) and keep it, linearised."""
+        _check_operator(operator, type(self).__name__, options)
+        return lx.linearise(operator)
+
+    def transpose(
+        self, state: lx.AbstractLinearOperator, options: dict[str, Any]
+    ) -> tuple[lx.AbstractLinearOperator, dict[str, Any]]:
+        """Symmetric operator: the transposed state is the state itself."""
+        return state, options
+
+    def conj(
+        self, state: lx.AbstractLinearOperator, options: dict[str, Any]
+    ) -> tuple[lx.AbstractLinearOperator, dict[str, Any]]:
+        """Real operator: the conjugated state is the state itself."""
+        return state, options
+
+    def assume_full_rank(self) -> bool:
+        """Both target nonsingular systems."""
+        return True
+
+
+class ConjugateGradient(_SymmetricKrylov):
     r"""Conjugate gradients with a 2-norm stop and a negative-curvature certificate.
 
     Solves :math:`Ax = b` for a symmetric operator :math:`A` (positive definite for the
@@ -184,20 +219,6 @@ class ConjugateGradient(lx.AbstractLinearSolver):
     >>> bool(sol.result == lx.RESULTS.breakdown), float(sol.stats["min_curvature"]) < 0
     (True, True)
     """
-
-    rtol: float
-    atol: float
-    max_steps: int | None = None
-
-    def __check_init__(self) -> None:
-        _check_tolerances(self)
-
-    def init(
-        self, operator: lx.AbstractLinearOperator, options: dict[str, Any]
-    ) -> lx.AbstractLinearOperator:
-        """Check the operator (square, real, symmetric tag) and keep it, linearised."""
-        _check_operator(operator, "ConjugateGradient", options)
-        return lx.linearise(operator)
 
     def compute(
         self, state: lx.AbstractLinearOperator, vector: PyTree, options: dict[str, Any]
@@ -265,24 +286,8 @@ class ConjugateGradient(lx.AbstractLinearSolver):
         }
         return unravel(x), result, stats
 
-    def transpose(
-        self, state: lx.AbstractLinearOperator, options: dict[str, Any]
-    ) -> tuple[lx.AbstractLinearOperator, dict[str, Any]]:
-        """Symmetric operator: the transposed state is the state itself."""
-        return state, options
 
-    def conj(
-        self, state: lx.AbstractLinearOperator, options: dict[str, Any]
-    ) -> tuple[lx.AbstractLinearOperator, dict[str, Any]]:
-        """Real operator: the conjugated state is the state itself."""
-        return state, options
-
-    def assume_full_rank(self) -> bool:
-        """CG assumes a nonsingular operator."""
-        return True
-
-
-class MINRES(lx.AbstractLinearSolver):
+class MINRES(_SymmetricKrylov):
     r"""Paige–Saunders MINRES for symmetric (possibly indefinite) nonsingular systems.
 
     From :math:`x_0 = 0`, the Lanczos process builds an orthonormal basis
@@ -333,20 +338,6 @@ class MINRES(lx.AbstractLinearSolver):
     >>> int(sol.stats["num_steps"])
     3
     """
-
-    rtol: float
-    atol: float
-    max_steps: int | None = None
-
-    def __check_init__(self) -> None:
-        _check_tolerances(self)
-
-    def init(
-        self, operator: lx.AbstractLinearOperator, options: dict[str, Any]
-    ) -> lx.AbstractLinearOperator:
-        """Check the operator (square, real, symmetric tag) and keep it, linearised."""
-        _check_operator(operator, "MINRES", options)
-        return lx.linearise(operator)
 
     def compute(
         self, state: lx.AbstractLinearOperator, vector: PyTree, options: dict[str, Any]
@@ -427,19 +418,3 @@ class MINRES(lx.AbstractLinearSolver):
         result = lx.RESULTS.where(nonfinite, lx.RESULTS.singular, result)
         stats = {"num_steps": steps, "residual_norm": rnorm}
         return unravel(x), result, stats
-
-    def transpose(
-        self, state: lx.AbstractLinearOperator, options: dict[str, Any]
-    ) -> tuple[lx.AbstractLinearOperator, dict[str, Any]]:
-        """Symmetric operator: the transposed state is the state itself."""
-        return state, options
-
-    def conj(
-        self, state: lx.AbstractLinearOperator, options: dict[str, Any]
-    ) -> tuple[lx.AbstractLinearOperator, dict[str, Any]]:
-        """Real operator: the conjugated state is the state itself."""
-        return state, options
-
-    def assume_full_rank(self) -> bool:
-        """MINRES here targets nonsingular systems."""
-        return True
