@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 
 
 class DargminError(ValueError):
@@ -96,3 +97,38 @@ def failure_reason(err: BaseException) -> str | None:
         return err.reason
     match = _REASON.search(str(err))
     return match.group(1) if match else None
+
+
+#: Appended to a refusal reported as a warning in a multi-device process (see
+#: :func:`refusal_from_callback`).
+MULTI_DEVICE_NOTE = (
+    " (multi-device process: the refusal is reported as this warning and the derivative is "
+    "NaN, because raising inside a program partitioned over several devices stalls the "
+    "devices that did not raise)"
+)
+
+
+def multi_device() -> bool:
+    """Whether this process sees more than one JAX device.
+
+    A host callback runs on one device of a partitioned (SPMD) program; if it raised, the
+    other devices would wait for it at their next collective until XLA aborts the process
+    (measured: a 40 s stall, then a crash). Where a program may be partitioned, dargmin's
+    callbacks therefore report a refusal as a :class:`DargminWarning` and poison the
+    derivative with NaN instead of raising. Read at trace time.
+    """
+    import jax  # the bottom layer stays importable without JAX's start-up cost
+
+    return jax.device_count() > 1
+
+
+def refusal_from_callback(error: DargminError, shape: tuple[int, ...], dtype: object):
+    """In a host callback: raise ``error`` (one device), or, in a multi-device process,
+    warn with its message and return NaN of ``shape`` (the caller adds the result to the
+    derivative, which becomes NaN: never a silent number)."""
+    import numpy as np
+
+    if not multi_device():
+        raise error
+    warnings.warn(str(error) + MULTI_DEVICE_NOTE, DargminWarning, stacklevel=3)
+    return np.full(shape, np.nan, dtype=dtype)

@@ -172,6 +172,10 @@ def _implicit_solution_jvp(g, cfg, primals, tangents):
         )
         # Scaling the right-hand side by (1 + 0) makes the solve depend on the check, so the
         # check runs (and names the problem) before the solve can fail on a singular matrix.
+        # In a multi-device process a refusal returns NaN instead of raising (see
+        # dargmin.errors.multi_device): the derivative becomes NaN. The NaN enters on this
+        # side of the solve because lineax raises on a non-finite cotangent of a transposed
+        # solve (on one device only, which would stall the others), not on a forward one.
         rhs = jax.tree_util.tree_map(lambda leaf: leaf * (1 + verified).astype(leaf.dtype), rhs)
     x_dot = system.solve(rhs)
     if strategy.dense:

@@ -69,7 +69,7 @@ import lineax as lx
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from dargmin.errors import DargminWarning, SingularSystemError
+from dargmin.errors import DargminWarning, SingularSystemError, refusal_from_callback
 from dargmin.solver_strategies import (
     CG,
     DENSE_MAX_SIZE,
@@ -190,7 +190,7 @@ def _report_failed_solve(
             # Any member's failure refuses the batch, even after a member that only warns.
             error = SingularSystemError(full)
             error.reason = reason
-            raise error
+            return refusal_from_callback(error, shape, zeros.dtype)
         first_warning = first_warning or full
     if first_warning is not None:
         warnings.warn(first_warning, DargminWarning, stacklevel=2)

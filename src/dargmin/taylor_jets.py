@@ -1,39 +1,38 @@
-"""Taylor-mode machinery of :mod:`dargmin.taylor`: the residuals ``r_k``, polarization, accuracy.
+"""Taylor-mode machinery of :mod:`dargmin.taylor`: the residuals ``r_k``.
 
 :class:`~dargmin.taylor.TaylorExpansion` solves ``H x_k = -r_k`` order after order, where
 ``r_k`` is the k-th derivative of ``φ(t) = g(x(t), θ₀ + tΔ)`` at ``t = 0`` with ``x_k = 0``.
-This module computes ``r_k`` and everything else that is about series rather than linear
-algebra:
+This module computes ``r_k``:
 
 * :func:`_residual_jet`: Taylor mode on the jaxpr of ``g`` (:func:`_taylor_eval`), with zero
   coefficients kept symbolic through the linear and bilinear primitives; every other
   primitive goes through :mod:`jax.experimental.jet`'s own rule;
 * :func:`_residual_nested`: the same numbers by ``k`` nested ``jax.jvp`` (cost ``2^k``), the
   fallback where jet has no rule (:func:`_select_method` decides, :func:`_jet_failure` names
-  the primitive);
-* :func:`_polarization` / :func:`_tensor_polarization`: the directions and weights that turn
-  directional derivatives ``D^k x*[Δ]^k`` into mixed derivatives and derivative tensors;
-* :class:`AccuracyReport` and :func:`_accuracy_report`: the series against re-solved optima.
+  the primitive).
+
+The directions that turn directional derivatives into mixed ones live in
+:mod:`dargmin.taylor_polarization`, the comparison of the series with re-solved optima
+(:class:`~dargmin.taylor_accuracy.AccuracyReport`) in :mod:`dargmin.taylor_accuracy`, the
+linear system and the order-by-order solves in :mod:`dargmin.taylor_system`.
 """
 
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 import re
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import jet
 from jax.extend import core as jex_core
 
 from dargmin.errors import DargminWarning
+from dargmin.taylor_accuracy import AccuracyReport  # lived here before: still importable
 
 __all__ = ["AccuracyReport"]
 
@@ -196,7 +195,7 @@ def _residual_nested(
     def differentiate(fn: Callable[[jax.Array], jax.Array]) -> Callable[[jax.Array], jax.Array]:
         return lambda t: jax.jvp(fn, (t,), (jnp.ones_like(t),))[1]
 
-    fn = curve
+    fn: Callable[[jax.Array], jax.Array] = curve
     for _ in range(k):
         fn = differentiate(fn)
     return fn(jnp.zeros((), x0.dtype))
@@ -247,164 +246,3 @@ def _select_method(
         )
         return "nested"
     return "jet"
-
-
-# --------------------------------------------------------------------------------------------
-# Polarization: mixed derivatives from directional ones
-# --------------------------------------------------------------------------------------------
-
-
-def _polarization(k: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(weights, signs)`` with ``D^k[Δ₁..Δ_k] = Σ_S signs[S] D^k[weights[S] @ Δ]^k / k!``.
-
-    One row per non-empty subset ``S`` of ``{1..k}``: ``weights[S]`` is its indicator and
-    ``signs[S] = (-1)^{k-|S|}`` (polarization of the symmetric k-linear form).
-    """
-    subsets = [s for r in range(1, k + 1) for s in itertools.combinations(range(k), r)]
-    weights = np.zeros((len(subsets), k), dtype=np.float64)
-    signs = np.empty(len(subsets), dtype=np.float64)
-    for row, subset in enumerate(subsets):
-        weights[row, list(subset)] = 1.0
-        signs[row] = (-1.0) ** (k - len(subset))
-    return weights, signs
-
-
-def _tensor_polarization(m: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(directions, combine, index)`` for the k-th derivative tensor in ``m`` parameters.
-
-    ``directions`` (integer count vectors, one row per distinct direction) are expanded;
-    ``combine @ D^k[directions]^k`` gives the ``C(m+k−1, k)`` distinct entries (one per
-    multiset of coordinates), and ``index`` (shape ``(m,)*k``) maps every index tuple to its
-    multiset's row (the tensor is symmetric).
-    """
-    multisets = list(itertools.combinations_with_replacement(range(m), k))
-    direction_index: dict[tuple[int, ...], int] = {}
-    rows, cols, vals = [], [], []
-    for row, multiset in enumerate(multisets):
-        # Polarization over the k (possibly repeated) coordinate vectors; the subset sum
-        # is an integer count vector, and equal count vectors share one expansion.
-        contrib: dict[tuple[int, ...], float] = {}
-        for r in range(1, k + 1):
-            for subset in itertools.combinations(range(k), r):
-                counts = [0] * m
-                for pos in subset:
-                    counts[multiset[pos]] += 1
-                key = tuple(counts)
-                contrib[key] = contrib.get(key, 0.0) + (-1.0) ** (k - r)
-        for key, weight in contrib.items():
-            if weight != 0.0:
-                col = direction_index.setdefault(key, len(direction_index))
-                rows.append(row)
-                cols.append(col)
-                vals.append(weight / math.factorial(k))
-    combine = np.zeros((len(multisets), len(direction_index)))
-    np.add.at(combine, (np.array(rows), np.array(cols)), np.array(vals))
-    index = np.empty((m,) * k, dtype=np.int64)
-    for row, multiset in enumerate(multisets):
-        for perm in set(itertools.permutations(multiset)):
-            index[perm] = row
-    return np.array(list(direction_index), dtype=np.float64), combine, index
-
-
-# --------------------------------------------------------------------------------------------
-# Accuracy of the truncated series
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class AccuracyReport:
-    """Errors of the truncated series against re-solved solutions (see ``check_accuracy``).
-
-    Attributes
-    ----------
-    delta_norms
-        ``‖Δᵢ‖₂`` of each tested direction, shape ``(n,)``.
-    errors
-        ``errors[i, k] = ‖Σ_{j≤k} x_j/j! − x*(θ₀+Δᵢ)‖₂`` for orders ``k = 0..K``, shape
-        ``(n, K+1)``.
-    relative_errors
-        ``errors`` divided by ``‖x*(θ₀+Δᵢ) − x₀‖₂`` (the order-0 error), so that column 0 is 1.
-    decreasing
-        Per direction: whether the error falls (or stays below ``floor``) at every order.
-    radius
-        Crude radius of validity per direction, in the units of ``θ``: ``‖Δᵢ‖`` times the
-        root-test estimate ``min(‖c_K‖^{-1/K}, ‖c_{K-1}‖/‖c_K‖)`` with ``c_k = x_k / k!`` (the
-        series coefficients in ``t``). Beyond it the series should not be trusted.
-    floor
-        Error level below which differences are attributed to the solver's accuracy.
-    """
-
-    delta_norms: np.ndarray
-    errors: np.ndarray
-    relative_errors: np.ndarray
-    decreasing: np.ndarray
-    radius: np.ndarray
-    floor: float
-
-    @property
-    def ok(self) -> bool:
-        """Whether the error fell with the order for every tested direction."""
-        return bool(np.all(self.decreasing))
-
-    def __str__(self) -> str:
-        order = self.errors.shape[1] - 1
-        head = "  ‖Δ‖      " + " ".join(f"{'order ' + str(k):>10}" for k in range(order + 1))
-        rows = [
-            f"  {n:<9.3g}" + " ".join(f"{e:>10.2e}" for e in errs) + ("" if ok else "  (!)")
-            for n, errs, ok in zip(self.delta_norms, self.errors, self.decreasing, strict=True)
-        ]
-        return (
-            "AccuracyReport: ‖series − re-solved x*‖ by order\n"
-            + head
-            + "\n"
-            + "\n".join(rows)
-            + f"\n  errors fall with order: {self.ok}; crude radius of validity (‖Δ‖ units): "
-            + ", ".join(f"{r:.3g}" for r in self.radius)
-        )
-
-
-def _radius_estimate(coeffs: Sequence[float]) -> float:
-    """Radius of convergence in ``t`` from ``‖c_k‖``: min of the root and ratio tests at K."""
-    last = coeffs[-1]
-    if last == 0.0 or not np.isfinite(last):
-        return float("inf")
-    root = last ** (-1.0 / len(coeffs))
-    ratio = coeffs[-2] / last if len(coeffs) >= 2 and coeffs[-2] > 0 else float("inf")
-    return float(min(root, ratio))
-
-
-def _accuracy_report(
-    x0: jax.Array,
-    cases: Sequence[tuple[jax.Array, Sequence[jax.Array], jax.Array]],
-    floor: float | None,
-) -> AccuracyReport:
-    """Assemble the report from ``(flat Δ, [x_1..x_K] flat, re-solved x*(θ₀+Δ) flat)`` cases."""
-    eps = float(jnp.finfo(x0.dtype).eps)
-    errors, norms, radii, decreasing, floors = [], [], [], [], []
-    for flat_delta, xs, truth in cases:
-        partial = x0
-        errs = [float(jnp.linalg.norm(partial - truth))]
-        for k, xk in enumerate(xs, start=1):
-            partial = partial + xk / math.factorial(k)
-            errs.append(float(jnp.linalg.norm(partial - truth)))
-        level = floor if floor is not None else 100 * eps * max(1.0, float(jnp.linalg.norm(truth)))
-        errs_arr = np.array(errs)
-        falls = (errs_arr[1:] <= errs_arr[:-1]) | (errs_arr[1:] <= level)
-        coeffs = [float(jnp.linalg.norm(xk)) / math.factorial(k) for k, xk in enumerate(xs, 1)]
-        dnorm = float(jnp.linalg.norm(flat_delta))
-        errors.append(errs_arr)
-        norms.append(dnorm)
-        radii.append(_radius_estimate(coeffs) * dnorm)
-        decreasing.append(bool(np.all(falls)))
-        floors.append(level)
-    errors_arr = np.array(errors)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        relative = errors_arr / errors_arr[:, :1]
-    return AccuracyReport(
-        delta_norms=np.array(norms),
-        errors=errors_arr,
-        relative_errors=relative,
-        decreasing=np.array(decreasing),
-        radius=np.array(radii),
-        floor=float(max(floors)) if floors else 0.0,
-    )

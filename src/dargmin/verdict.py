@@ -19,6 +19,7 @@ from dargmin.errors import (
     DargminWarning,
     NonStationaryPointError,
     SingularSystemError,
+    refusal_from_callback,
 )
 
 __all__ = ["member_problems", "report_implicit_check"]
@@ -176,7 +177,7 @@ def report_implicit_check(
     if mode == "raise":
         error = problems[0][0](message)
         error.reason = problems[0][1]
-        raise error
+        return refusal_from_callback(error, batch_shape, passed.dtype)
     warnings.warn(message, DargminWarning, stacklevel=2)
     return passed
 

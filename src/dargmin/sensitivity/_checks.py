@@ -1,0 +1,171 @@
+"""The checks of :mod:`dargmin.sensitivity`: is ``params`` a strict, well-posed minimum, and
+which inputs make the derivatives non-finite.
+
+The influence of an unconverged fit is not the derivative of anything: every function first
+checks stationarity with :func:`dargmin.check_optimum`, and anything that comes out
+non-finite is traced back to the leaves and examples of ``params`` / ``data`` that cause it.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from dargmin.diagnostics import (
+    DargminError,
+    DargminWarning,
+    NonStationaryPointError,
+    SingularSystemError,
+    check_optimum,
+)
+from dargmin.linear_solvers import DENSE_MAX_SIZE
+from dargmin.sensitivity._inputs import CheckMode, PyTree, _nonfinite_leaves, _refusal
+from dargmin.sensitivity._kernels import _Kernels
+
+
+def _raise_if_nonfinite(
+    kernels: _Kernels,
+    params: PyTree,
+    data: PyTree,
+    *,
+    caller: str,
+    hessian: jax.Array | None = None,
+) -> None:
+    """Raise a ``[reason: nonfinite]`` error if the gradients or the Hessian at ``params``
+    hold NaN / inf, naming what is not finite and the inputs that cause it.
+
+    Called only where something downstream came out non-finite (the checks cost nothing
+    when all is well), so NaN in a leaf of ``data`` that the loss never reads is no error.
+    """
+    flat, unravel = ravel_pytree(params)
+    problems = []
+    gradients = np.asarray(kernels.example_gradients(params, data))
+    bad = np.flatnonzero(~np.all(np.isfinite(gradients), axis=1))
+    if bad.size:
+        problems.append(
+            f"the gradient of the loss is not finite for {bad.size} of {gradients.shape[0]} "
+            f"examples (first: {bad[:5].tolist()})"
+        )
+    regularizer = kernels.regularizer
+    reg_bad = 0
+    if regularizer is not None:
+        reg_gradient = np.asarray(jax.grad(lambda t: regularizer(unravel(t)))(flat))
+        reg_bad = int(np.count_nonzero(~np.isfinite(reg_gradient)))
+        if reg_bad:
+            problems.append(
+                f"the gradient of the regularizer has {reg_bad} non-finite "
+                f"entr{'ies' if reg_bad > 1 else 'y'} of {reg_gradient.size}"
+            )
+    gradient_problem = bool(problems)
+    if hessian is None and flat.size <= DENSE_MAX_SIZE:
+        hessian = kernels.total_hessian(params, data)
+    if hessian is not None:
+        count = int(np.count_nonzero(~np.isfinite(np.asarray(hessian))))
+        if count:
+            problems.append(
+                f"the Hessian of the objective has {count} non-finite "
+                f"entr{'ies' if count > 1 else 'y'} of {np.size(hessian)}"
+            )
+    else:  # too large to build: one Hessian-vector product with a vector of ones
+        hvp = jax.jvp(
+            jax.grad(lambda t: kernels.total_objective(unravel(t), data)),
+            (flat,),
+            (jnp.ones_like(flat),),
+        )[1]
+        if not bool(jnp.all(jnp.isfinite(hvp))):
+            problems.append("a Hessian-vector product of the objective is not finite")
+    if not problems:
+        return
+    causes = _nonfinite_leaves(params, "params", False) + _nonfinite_leaves(data, "data", True)
+    if causes:
+        cause = (
+            "NaN/inf in the inputs: "
+            + "; ".join(causes)
+            + ". Remove or impute them (or fix the fit that produced these params)."
+        )
+    else:
+        if reg_bad and not bad.size:
+            culprit = "the regularizer"
+        elif (bad.size and not reg_bad) or regularizer is None:
+            culprit = "the loss"
+        else:
+            culprit = "the loss or the regularizer"
+        cause = (
+            f"Every input is finite: {culprit} itself has non-finite derivatives at these "
+            "params (e.g. the log or square root of a non-positive number, a division by "
+            "zero, or an overflow)."
+        )
+    # As in dargmin.diagnostics: a non-finite residual is "not stationary"; a non-finite
+    # Hessian at a finite gradient is a broken system to solve.
+    error = NonStationaryPointError if gradient_problem or causes else SingularSystemError
+    raise _refusal(
+        error,
+        "nonfinite",
+        f"dargmin.sensitivity.{caller}: cannot compute the influence of the data: "
+        f"{'; '.join(problems)}. {cause}",
+    )
+
+
+def _check_stationary(
+    kernels: _Kernels,
+    params: PyTree,
+    data: PyTree,
+    *,
+    check: CheckMode,
+    tol: float | None,
+    caller: str,
+) -> None:
+    """Raise (or warn) unless ``params`` is a strict, well-posed minimum of ``F(·, 1)``."""
+    if check not in ("raise", "warn", "ignore"):
+        raise ValueError(f"check must be 'raise', 'warn' or 'ignore', got {check!r}.")
+    if check == "ignore":
+        return
+    try:
+        report = check_optimum(
+            lambda theta, d: kernels.total_objective(theta, d),
+            params,
+            data,
+            kind="argmin",
+            tol=tol,
+        )
+    except np.linalg.LinAlgError:
+        # The eigenvalues of a Hessian holding NaN/inf do not converge: say where they are.
+        _raise_if_nonfinite(kernels, params, data, caller=caller)
+        raise
+    measured = (report.residual_norm, report.smallest_eigenvalue, report.largest_eigenvalue)
+    if not np.all(np.isfinite(measured)):
+        _raise_if_nonfinite(kernels, params, data, caller=caller)
+    # check_optimum's default limit of the condition number: beyond it the verdict may read
+    # "ill_conditioned" (named first), but the Hessian is numerically singular.
+    max_condition = 1e-2 / float(jnp.finfo(ravel_pytree(params)[0].dtype).eps)
+    error: type[DargminError] | None = None
+    if report.verdict in ("not_stationary", "nonfinite"):
+        error = NonStationaryPointError
+    elif report.verdict in ("singular", "not_minimum") or (
+        report.verdict == "ill_conditioned" and not report.condition_number <= max_condition
+    ):
+        # Not a strict minimum: the influence (a derivative of the argmin) is undefined or
+        # meaningless, exactly as dargmin.argmin refuses to differentiate there.
+        error = SingularSystemError
+    if error is None:
+        return
+    message = (
+        f"dargmin.sensitivity.{caller}: cannot compute the influence of the data at these "
+        f"params: {report.message} (gradient norm {report.residual_norm:.3g}, Hessian "
+        f"eigenvalues in [{report.smallest_eigenvalue:.3g}, {report.largest_eigenvalue:.3g}])."
+    )
+    if check == "raise":
+        raise _refusal(error, report.verdict, message)
+    warnings.warn(f"{message} [reason: {report.verdict}]", DargminWarning, stacklevel=3)
+
+
+def _check_gradients(
+    kernels: _Kernels, params: PyTree, data: PyTree, gradients: jax.Array, caller: str
+) -> None:
+    """The per-example gradients are the right-hand sides of every solve: refuse NaN/inf."""
+    if not bool(jnp.all(jnp.isfinite(gradients))):
+        _raise_if_nonfinite(kernels, params, data, caller=caller)
