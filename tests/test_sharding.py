@@ -56,3 +56,12 @@ def test_refusal_fires_on_sharded_data(sharded: dict) -> None:
     # Multi-device: a warning naming the reason and a NaN derivative, not a stalled process.
     assert sharded["refusal"]["value"] is None
     assert "not_stationary" in sharded["refusal"]["reasons"]
+
+
+def test_taylor_coefficients_sharded_equal_unsharded(sharded: dict) -> None:
+    import numpy as np
+
+    for sharded_k, single_k in zip(
+        sharded["taylor"]["sharded"], sharded["taylor"]["single"], strict=True
+    ):
+        np.testing.assert_allclose(sharded_k, single_k, rtol=1e-9, atol=1e-12)

@@ -123,6 +123,16 @@ def main() -> None:
         "sharded": float(second(lam, xs, ys, xv, yv)),
         "single": float(second(lam, jnp.asarray(x), jnp.asarray(y), xv, yv)),
     }
+    # TaylorExpansion of w*(λ) around a converged point: the data stay sharded (the
+    # expansion's closures compute on them where they are) and the coefficients agree.
+    taylor = {}
+    for name, (xx, yy) in {"sharded": (xs, ys), "single": (jnp.asarray(x), jnp.asarray(y))}.items():
+        w0 = jax.jit(gradient_descent(4 * GD_STEPS))(jnp.zeros(P_FEATURES), lam, xx, yy)
+        expansion = dargmin.TaylorExpansion(
+            lambda w, lam_, xx=xx, yy=yy: logistic_objective(w, lam_, xx, yy), w0, lam, order=3
+        )
+        taylor[name] = [np.asarray(d).tolist() for d in expansion.derivatives(1.0)]
+    out["taylor"] = taylor
     # control: the detector sees the all-gather of a computation that needs the whole data
     control = jax.jit(lambda x: jnp.linalg.svd(x, compute_uv=False)).lower(xs).compile()
     out["control_gathers"] = len(gathers_of(control.as_text(), x.shape[0]))
