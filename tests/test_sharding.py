@@ -65,3 +65,11 @@ def test_taylor_coefficients_sharded_equal_unsharded(sharded: dict) -> None:
         sharded["taylor"]["sharded"], sharded["taylor"]["single"], strict=True
     ):
         np.testing.assert_allclose(sharded_k, single_k, rtol=1e-9, atol=1e-12)
+
+
+def test_hyperparameter_candidates_spread_over_devices(sharded: dict) -> None:
+    import numpy as np
+
+    candidates = sharded["candidates"]
+    assert candidates["sharding"] == "P('rows',)"
+    np.testing.assert_allclose(candidates["on_devices"], candidates["one_by_one"], rtol=1e-10)

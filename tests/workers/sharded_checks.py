@@ -133,6 +133,18 @@ def main() -> None:
         )
         taylor[name] = [np.asarray(d).tolist() for d in expansion.derivatives(1.0)]
     out["taylor"] = taylor
+    # Hyperparameter candidates spread over the devices: a vmap over a sharded grid of λ
+    # (each device runs its own candidates: replicated data, no communication needed).
+    grid = jnp.logspace(-1, 0.5, 2 * N_DEVICES)
+    spread = jax.device_put(grid, NamedSharding(mesh, P("rows")))
+    batched = jax.jit(jax.vmap(hypergradient_fn("cholesky"), in_axes=(0, None, None, None, None)))
+    on_devices = batched(spread, jnp.asarray(x), jnp.asarray(y), xv, yv)
+    one_by_one = [float(hypergradient("cholesky")(lam_, x, y, xv, yv)) for lam_ in grid[:3]]
+    out["candidates"] = {
+        "sharding": str(on_devices.sharding.spec),
+        "on_devices": np.asarray(on_devices)[:3].tolist(),
+        "one_by_one": one_by_one,
+    }
     # control: the detector sees the all-gather of a computation that needs the whole data
     control = jax.jit(lambda x: jnp.linalg.svd(x, compute_uv=False)).lower(xs).compile()
     out["control_gathers"] = len(gathers_of(control.as_text(), x.shape[0]))
