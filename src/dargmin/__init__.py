@@ -9,12 +9,16 @@
   models, cross-validation, scikit-learn estimators); imported on first use.
 * :mod:`dargmin.sensitivity` — influence functions, infinitesimal jackknife and approximate
   leave-one-out of M-estimators.
+* :mod:`dargmin.projections` — differentiable projections (simplex/sparsemax, ℓ1/ℓ2 balls,
+  box, orthant, affine set) and proximal operators (ℓ1, group ℓ1, elastic net).
+* :mod:`dargmin.compat.jaxopt` — JAXopt's ``custom_root``, ``custom_fixed_point``,
+  ``root_vjp``, ``root_jvp`` on dargmin's core: one import line to migrate.
 * :mod:`dargmin.derivatives`, :mod:`dargmin.curvature`, :mod:`dargmin.finite_differences` —
   the derivative toolbox (HVP, Gauss–Newton products, Lanczos, trace estimators, finite
   differences and a gradient checker).
 """
 
-from dargmin import linear_solvers
+from dargmin import linear_solvers, projections
 from dargmin.curvature import (
     EigenEstimate,
     hutch_plus_plus_trace,
@@ -73,6 +77,8 @@ from dargmin.taylor import AccuracyReport, TaylorExpansion, taylor_expand
 __version__ = "0.1.0"
 
 
+_LAZY_SUBPACKAGES = frozenset({"compat", "hyper"})
+
 # Old names, kept for one release: each warns and points to its replacement.
 _DEPRECATED = {
     "check_grads": ("dargmin.finite_differences", "check_grads"),
@@ -84,9 +90,10 @@ _DEPRECATED = {
 def __getattr__(name: str):
     import importlib
 
-    # ``dargmin.hyper`` pulls in scikit-learn and tqdm: load it on first use only.
-    if name == "hyper":
-        return importlib.import_module("dargmin.hyper")
+    # Subpackages with heavier or optional dependencies (scikit-learn, tqdm, torch, ...)
+    # load on first use only.
+    if name in _LAZY_SUBPACKAGES:
+        return importlib.import_module(f"dargmin.{name}")
     if name in _DEPRECATED:
         module, attribute = _DEPRECATED[name]
         return getattr(importlib.import_module(module), attribute)  # warns when called
@@ -134,6 +141,7 @@ __all__ = [
     "jvp_from_vjps",
     "lanczos_extreme_eigenvalues",
     "linear_solvers",
+    "projections",
     "rayleigh_quotient",
     "root",
     "solve_cg",
