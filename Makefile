@@ -9,7 +9,10 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test,plot]"
+	# torch for dargmin.torch: 2.13.0 is the CPU build (a range would fetch a CUDA build of
+	# several GB; GPU users: see the README's PyTorch section).
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[test,plot,torch]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -7,6 +7,7 @@
 """
 
 import contextlib
+import importlib.util
 
 import jax
 import pytest
@@ -31,3 +32,7 @@ def _doctests_in_default_precision(request):
     )
     with context:
         yield
+
+
+# dargmin.torch's doctests need torch (the optional extra ``[torch]``).
+collect_ignore_glob = [] if importlib.util.find_spec("torch") else ["src/dargmin/torch/*"]

@@ -13,6 +13,8 @@
   box, orthant, affine set) and proximal operators (ℓ1, group ℓ1, elastic net).
 * :mod:`dargmin.compat.jaxopt` — JAXopt's ``custom_root``, ``custom_fixed_point``,
   ``root_vjp``, ``root_jvp`` on dargmin's core: one import line to migrate.
+* :mod:`dargmin.torch` — the same decorators, derivatives and checks for PyTorch models
+  (extra ``[torch]``; imported explicitly: ``import dargmin.torch``).
 * :mod:`dargmin.derivatives`, :mod:`dargmin.curvature`, :mod:`dargmin.finite_differences` —
   the derivative toolbox (HVP, Gauss–Newton products, Lanczos, trace estimators, finite
   differences and a gradient checker).
