@@ -13,6 +13,8 @@
   box, orthant, affine set) and proximal operators (ℓ1, group ℓ1, elastic net).
 * :mod:`dargmin.compat.jaxopt` — JAXopt's ``custom_root``, ``custom_fixed_point``,
   ``root_vjp``, ``root_jvp`` on dargmin's core: one import line to migrate.
+* :mod:`dargmin.imaging` — total-variation denoising and deblurring (Chambolle–Pock with a
+  duality-gap certificate), their derivatives, and parameters tuned by SURE/SUGAR.
 * :mod:`dargmin.torch` — the same decorators, derivatives and checks for PyTorch models
   (extra ``[torch]``; imported explicitly: ``import dargmin.torch``).
 * :mod:`dargmin.derivatives`, :mod:`dargmin.curvature`, :mod:`dargmin.finite_differences` —
@@ -79,7 +81,7 @@ from dargmin.taylor import AccuracyReport, TaylorExpansion, taylor_expand
 __version__ = "0.1.0"
 
 
-_LAZY_SUBPACKAGES = frozenset({"compat", "hyper"})
+_LAZY_SUBPACKAGES = frozenset({"compat", "hyper", "imaging"})
 
 # Old names, kept for one release: each warns and points to its replacement.
 _DEPRECATED = {
