@@ -15,6 +15,8 @@
   ``root_vjp``, ``root_jvp`` on dargmin's core: one import line to migrate.
 * :mod:`dargmin.imaging` — total-variation denoising and deblurring (Chambolle–Pock with a
   duality-gap certificate), their derivatives, and parameters tuned by SURE/SUGAR.
+* :mod:`dargmin.influence` — influence at network scale: inverse-Hessian-vector products by
+  Lanczos (Arnoldi), LiSSA and (E)K-FAC over data loaders, SLQ spectra, influence scores.
 * :mod:`dargmin.torch` — the same decorators, derivatives and checks for PyTorch models
   (extra ``[torch]``; imported explicitly: ``import dargmin.torch``).
 * :mod:`dargmin.derivatives`, :mod:`dargmin.curvature`, :mod:`dargmin.finite_differences` —
@@ -81,7 +83,7 @@ from dargmin.taylor import AccuracyReport, TaylorExpansion, taylor_expand
 __version__ = "0.1.0"
 
 
-_LAZY_SUBPACKAGES = frozenset({"compat", "hyper", "imaging"})
+_LAZY_SUBPACKAGES = frozenset({"compat", "hyper", "imaging", "influence"})
 
 # Old names, kept for one release: each warns and points to its replacement.
 _DEPRECATED = {
