@@ -73,7 +73,7 @@ def test_lasso_hyper_cv_matches_lasso_cv():
     ref_best = ref.mse_path_.mean(axis=1).min()
     assert 0 < np.argmin(ref.mse_path_.mean(axis=1)) < 99  # interior best alpha
     est = LassoHyperCV(cv=5).fit(X, y)
-    assert est.cv_score_ <= 1.01 * ref_best
+    assert est.cv_loss_ <= 1.01 * ref_best
     # Same model family: refit coefficients predict like LassoCV's.
     assert est.score(X, y) == pytest.approx(ref.score(X, y), abs=0.02)
     assert est.n_iter_ >= 1 and len(est.path_.values) == est.n_evals_
@@ -89,12 +89,16 @@ def test_ridge_hyper_cv_matches_grid():
         for a in grid
     ]
     assert 0 < np.argmin(scores) < len(grid) - 1
-    assert est.cv_score_ <= 1.001 * min(scores)
-    # alpha_ = n μ (Ridge convention); each 60-sample training fold uses 60 μ.
+    assert est.cv_loss_ <= 1.001 * min(scores)
+    # RidgeCV's convention: Ridge(alpha_) on every (equal-size) training fold ...
     at_alpha = -cross_val_score(
-        Ridge(alpha=est.alpha_ * 60 / 80), X, y, cv=cv, scoring="neg_mean_squared_error"
+        Ridge(alpha=est.alpha_), X, y, cv=cv, scoring="neg_mean_squared_error"
     ).mean()
-    assert at_alpha == pytest.approx(est.cv_score_, rel=1e-6)
+    assert at_alpha == pytest.approx(est.cv_loss_, rel=1e-6)
+    # ... and the refit is Ridge(alpha_) on all the data.
+    ref = Ridge(alpha=est.alpha_).fit(X, y)
+    np.testing.assert_allclose(est.coef_, ref.coef_, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(est.intercept_, ref.intercept_, rtol=1e-6, atol=1e-8)
 
 
 def test_weighted_and_elastic_net_estimators_improve_on_lasso():
@@ -103,8 +107,8 @@ def test_weighted_and_elastic_net_estimators_improve_on_lasso():
     wl = WeightedLassoHyperCV(cv=3, max_iter=30).fit(X, y)
     en = ElasticNetHyperCV(cv=3).fit(X, y)
     assert wl.alphas_.shape == (30,)
-    assert wl.cv_score_ < lasso_est.cv_score_
-    assert en.cv_score_ <= lasso_est.cv_score_ * 1.001
+    assert wl.cv_loss_ < lasso_est.cv_loss_
+    assert en.cv_loss_ <= lasso_est.cv_loss_ * 1.001
     assert 0 < en.l1_ratio_ <= 1
 
 
@@ -137,14 +141,28 @@ def test_plot_convergence_smoke():
     assert len(fig.axes) == 2 and len(fig.axes[0].lines) == 1
 
 
+def _expected_failures(estimator):
+    # Integer weights are not row repetitions for a cross-validated estimator: repeating a
+    # row changes the folds (scikit-learn's own CV estimators fail this check too).
+    return {
+        "check_sample_weight_equivalence_on_dense_data": "CV folds depend on the rows",
+        "check_sample_weight_equivalence_on_sparse_data": "CV folds depend on the rows",
+    }
+
+
 @parametrize_with_checks(
     [
-        LassoHyperCV(cv=2, max_iter=2),
-        RidgeHyperCV(cv=2, max_iter=2),
-        # A loose inner tolerance keeps the ~60 fits of the checks fast; the accuracy of
-        # the default solver is tested above.
-        SparseLogisticHyperCV(cv=2, max_iter=2, solver=ProxCD(tol=1e-6, max_epochs=300)),
+        # One outer iteration and no coarse path keep the ~50 fits per estimator fast; the
+        # search itself is tested above and in test_hyper_robustness.py.
+        LassoHyperCV(cv=2, max_iter=1, n_path=0),
+        ElasticNetHyperCV(cv=2, max_iter=1, max_iter_lasso=1, n_path=0),
+        WeightedLassoHyperCV(cv=2, max_iter=1, max_iter_lasso=1, n_path=0),
+        RidgeHyperCV(cv=2, max_iter=1, n_path=0),
+        # A loose inner tolerance keeps the fits of the checks fast; the accuracy of the
+        # default solver is tested above.
+        SparseLogisticHyperCV(cv=2, max_iter=1, n_path=0, solver=ProxCD(tol=1e-4, max_epochs=100)),
     ],
+    expected_failed_checks=_expected_failures,
 )
 def test_sklearn_compatible(estimator, check):
     check(estimator)

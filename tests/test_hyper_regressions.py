@@ -105,7 +105,7 @@ def test_diabetes_polynomial_lasso_hyper_cv_fits_and_hypergradient_matches_fd():
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         est = LassoHyperCV(cv=5).fit(Xp, y)
-    assert np.isfinite(est.cv_score_) and 1e-4 < est.alpha_ < 100
+    assert np.isfinite(est.cv_loss_) and 1e-4 < est.alpha_ < 100
     # Hypergradient at a θ where the duplicated pair is in the support.
     keep = [j for j in range(Xp.shape[1]) if j != dup]
     tr, va = slice(0, 300), slice(300, None)

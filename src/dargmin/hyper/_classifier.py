@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
-from sklearn.base import ClassifierMixin
+from sklearn.base import ClassifierMixin, _fit_context
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from dargmin.hyper._criteria import HeldOutLogistic
-from dargmin.hyper._estimators import _HyperCVBase
+from dargmin.hyper._estimators import _BASE_CONSTRAINTS, _dense, _HyperCVBase
 from dargmin.hyper._problems import sparse_logistic
 
 
@@ -42,6 +42,10 @@ class SparseLogisticHyperCV(ClassifierMixin, _HyperCVBase):
         Fit an unpenalized intercept.
     verbose : bool, default=False
         Show a tqdm progress bar.
+    n_path : int, default=10
+        Points of the coarse warm-started path (from ``alpha_max`` down four decades)
+        evaluated before the descent, which starts at the best of them: CV curves often
+        have several local minima. 0 starts from ``alpha_max/10`` instead.
 
     Attributes
     ----------
@@ -83,6 +87,7 @@ class SparseLogisticHyperCV(ClassifierMixin, _HyperCVBase):
     """
 
     _criterion = HeldOutLogistic
+    _parameter_constraints: ClassVar[dict] = _BASE_CONSTRAINTS
 
     def __init__(
         self,
@@ -94,6 +99,7 @@ class SparseLogisticHyperCV(ClassifierMixin, _HyperCVBase):
         max_iter: int = 30,
         fit_intercept: bool = True,
         verbose: bool = False,
+        n_path: int = 10,
     ):
         self.cv = cv
         self.method = method
@@ -102,6 +108,7 @@ class SparseLogisticHyperCV(ClassifierMixin, _HyperCVBase):
         self.max_iter = max_iter
         self.fit_intercept = fit_intercept
         self.verbose = verbose
+        self.n_path = n_path
 
     def _make_problem(self, X, y):
         return sparse_logistic(X, y, fit_intercept=self.fit_intercept)
@@ -121,19 +128,24 @@ class SparseLogisticHyperCV(ClassifierMixin, _HyperCVBase):
                 return StratifiedKFold(int(self.cv))
         return self.cv
 
+    @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X: Any, y: Any) -> SparseLogisticHyperCV:
         """Select ``alpha`` by hypergradient descent on the CV log-loss, then refit.
 
         Parameters
         ----------
-        X : array-like of shape (n_samples, n_features)
+        X : {array-like, sparse matrix} of shape (n_samples, n_features)
+            Sparse matrices are densified (up to ``SPARSE_DENSIFY_MAX`` entries).
         y : array-like of shape (n_samples,) with exactly two classes
 
         Returns
         -------
         self
         """
-        X, y = validate_data(self, X, y, ensure_min_samples=2, dtype=np.float64)
+        X, y = validate_data(
+            self, X, y, ensure_min_samples=2, dtype=np.float64, accept_sparse=["csr", "csc", "coo"]
+        )
+        X = _dense(X)
         check_classification_targets(y)
         self.classes_ = np.unique(y)
         if self.classes_.size != 2:
@@ -154,8 +166,8 @@ class SparseLogisticHyperCV(ClassifierMixin, _HyperCVBase):
     def decision_function(self, X: Any) -> np.ndarray:
         """Signed distance ``X coef_ᵀ + intercept_`` (positive: ``classes_[1]``)."""
         check_is_fitted(self, "coef_")
-        X = validate_data(self, X, reset=False)
-        return X @ self.coef_[0] + self.intercept_[0]
+        X = validate_data(self, X, reset=False, accept_sparse=True, dtype=np.float64)
+        return np.asarray(X @ self.coef_[0]).reshape(-1) + self.intercept_[0]
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """Class probabilities, columns ordered as ``classes_``."""

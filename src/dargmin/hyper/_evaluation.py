@@ -174,7 +174,8 @@ def hypergradient(
                 f"The hypergradient is not finite: {grad[:5]}. The inner solution or the "
                 "criterion overflowed; check the data scale and the bounds of log_theta."
             )
-        rank = None if any(r is None for r in ranks) else int(sum(ranks))
+        ranks_known = [r for r in ranks if r is not None]
+        rank = int(sum(ranks_known)) if len(ranks_known) == len(ranks) else None
         info = {"method": meth, "support_rank": rank, "notes": notes}
         coef = coefs if folds is not None else coefs[0]
         return HypergradientResult(

@@ -38,13 +38,14 @@ from typing import Any, ClassVar, NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import lineax as lx
 import numpy as np
-import scipy.linalg
 
 from dargmin.diagnostics import DargminWarning, SingularSystemError
 from dargmin.hyper._problems import HyperProblem, _penalty_vectors
 from dargmin.hyper._registry import register
 from dargmin.implicit import argmin
+from dargmin.linear_solvers import Cholesky, LeastSquares, factorize
 
 Array = Any
 #: The historical method names (see :data:`~dargmin.hyper.REGISTRY` for all of them).
@@ -90,61 +91,123 @@ class SupportSolve(NamedTuple):
     note: str | None
 
 
+def _bucket(k: int, minimum: int = 8) -> int:
+    # Pad dynamic sizes to powers of two so jit compiles O(log p) variants, not one per |S|.
+    return max(minimum, 1 << (int(k) - 1).bit_length())
+
+
+def _padded(H: np.ndarray, B: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """``H`` bordered by ``c·I`` (``c`` its mean diagonal) and ``B`` by zero rows, to a
+    bucketed size: the padding block is decoupled, well scaled, and its solution is 0."""
+    # Coarse buckets (powers of 4 from 16): each compiled size costs about a second.
+    s = H.shape[0]
+    sp = 16
+    while sp < s:
+        sp *= 4
+    c = max(float(np.mean(np.abs(np.diag(H)))), 1e-300)
+    Hp = np.eye(sp) * c
+    Hp[:s, :s] = H
+    Bp = np.zeros((sp, B.shape[1]))
+    Bp[:s] = B
+    return jnp.asarray(Hp), jnp.asarray(Bp)
+
+
+@jax.jit
+def _cholesky_solve(H: jax.Array, B: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Cholesky through the linear-system layer; ``(X, cond)`` with the cheap lower bound
+    ``(max/min diagonal of the factor)²`` of ``cond(H)`` (``inf`` when it failed)."""
+    op = lx.MatrixLinearOperator(H, lx.positive_semidefinite_tag)
+    system = factorize(op, Cholesky(), context="hypergradient support solve")
+    # The factors' own solve, unchecked: failure is judged here (a NaN factor, or the
+    # condition estimate), and a singular system falls back to the minimum-norm solve.
+    # (Going through ``lx.linear_solve`` doubled the compile time of this small system.)
+    solver, state = system.unchecked_solver()
+    X = jax.vmap(lambda b: solver.compute(state, b, {})[0], in_axes=1, out_axes=1)(B)
+    diag = jnp.abs(jnp.diag(state[0]))
+    cond = (jnp.max(diag) / jnp.min(diag)) ** 2
+    bad = ~jnp.all(jnp.isfinite(X)) | ~jnp.isfinite(cond)
+    return X, jnp.where(bad, jnp.inf, cond)
+
+
+@jax.jit
+def _min_norm_solve(H: jax.Array, B: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Minimum-norm solution by the layer's :class:`~dargmin.linear_solvers.LeastSquares`
+    (SVD pseudo-inverse, relative cutoff ``_RCOND``); ``(X, rank)``."""
+    op = lx.MatrixLinearOperator(H, lx.symmetric_tag)
+    system = factorize(op, LeastSquares(rcond=_RCOND), context="hypergradient support solve")
+    # Unchecked: the truncation is the point here; consistency is checked by the caller.
+    solver, state = system.unchecked_solver()
+    X = jax.vmap(lambda b: solver.compute(state, b, {})[0], in_axes=1, out_axes=1)(B)
+    sv = state[0][1]
+    return X, jnp.sum(sv > _RCOND * jnp.max(sv))
+
+
 def _support_solve(H: np.ndarray, B: np.ndarray, problem: HyperProblem, mu: Any = None):
     """Solve ``H X = B`` for a support Hessian ``H = X_Sᵀ D X_S + diag(μ_S)``.
 
     The one place where ``dargmin.hyper`` solves a support system (hypergradients, degrees
-    of freedom). A well-conditioned ``H`` is solved by Cholesky. A singular ``H`` with no
-    ℓ2 term on the support (``mu`` zero: duplicate or collinear active columns) gets the
-    minimum-norm solution (eigendecomposition with relative cutoff ``1e-10``), provided
-    ``B`` lies in the range of ``H`` (always so for prediction-based right-hand sides);
-    the returned note reports the rank. Otherwise a :class:`~dargmin.SingularSystemError`
-    is raised.
+    of freedom), through :mod:`dargmin.linear_solvers`: a well-conditioned ``H`` is solved
+    by :class:`~dargmin.linear_solvers.Cholesky`. A singular ``H`` with no ℓ2 term on the
+    support (``mu`` zero: duplicate or collinear active columns) gets the minimum-norm
+    solution (:class:`~dargmin.linear_solvers.LeastSquares`, relative cutoff ``1e-10``),
+    provided ``B`` lies in the range of ``H`` (always so for right-hand sides that are
+    functions of the predictions of duplicated columns, since null(H) = null(X_S)); the
+    returned note reports the rank. Otherwise a :class:`~dargmin.SingularSystemError` is
+    raised. Sizes are padded to powers of two so that one compiled solve serves many
+    support sizes.
 
     Returns
     -------
     SupportSolve
         ``(x, rank, note)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from dargmin.hyper import lasso
+    >>> H = np.array([[1.0, 1.0], [1.0, 1.0]])          # a duplicated active column
+    >>> sol = _support_solve(H, np.array([2.0, 2.0]), lasso(np.eye(2), np.ones(2)))
+    >>> sol.x.round(6).tolist(), sol.rank             # the minimum-norm solution
+    ([1.0, 1.0], 1)
     """
     s = H.shape[0]
-    try:
-        factor = scipy.linalg.cho_factor(H, lower=True, check_finite=False)
-        # (max/min diagonal of the Cholesky factor)² is a cheap lower bound of cond(H).
-        diag = np.abs(np.diag(factor[0]))
-        cond = float((diag.max() / diag.min()) ** 2) if diag.min() > 0 else np.inf
-    except np.linalg.LinAlgError:
-        cond = np.inf
-    if cond < _COND_MAX:
-        return SupportSolve(scipy.linalg.cho_solve(factor, B, check_finite=False), s, None)
-    pure_l1 = mu is None or not np.any(np.asarray(mu) > 0)
-    if pure_l1:
-        evals, evecs = np.linalg.eigh(0.5 * (H + H.T))
-        keep = evals > _RCOND * max(float(evals.max()), 1e-300)
-        V, lam = evecs[:, keep], evals[keep]
-        x = V @ ((V.T @ B) / (lam[:, None] if B.ndim == 2 else lam))
-        resid = np.linalg.norm(H @ x - B) / max(float(np.linalg.norm(B)), 1e-300)
-        if resid <= 1e-6:
-            r = int(keep.sum())
-            note = (
-                f"the {problem.name} support Hessian is rank-deficient (rank {r} of |S| = "
-                f"{s}: duplicate or collinear active columns); the inner solution is not "
-                "unique but its prediction is, and the minimum-norm solution of the "
-                "consistent support system was used"
+    vector = B.ndim == 1
+    B2 = B[:, None] if vector else B
+    with jax.enable_x64(True):
+        Hp, Bp = _padded(np.asarray(H, dtype=np.float64), np.asarray(B2, dtype=np.float64))
+        X, cond_j = _cholesky_solve(Hp, Bp)
+        cond = float(cond_j)
+        if cond < _COND_MAX:
+            x = np.asarray(X)[:s]
+            return SupportSolve(x[:, 0] if vector else x, s, None)
+        pure_l1 = mu is None or not np.any(np.asarray(mu) > 0)
+        if not pure_l1:
+            raise SingularSystemError(
+                f"The {problem.name} Hessian restricted to the support (|S| = {s}, n = "
+                f"{problem.n_samples}) is singular or nearly so (condition number >= "
+                f"{cond:.3g}). The derivative is numerically unreliable (|S| > n or collinear "
+                "active features with a vanishing ℓ2 term); increase the penalty or the ℓ2 "
+                "term."
             )
-            return SupportSolve(x, r, note)
-        raise SingularSystemError(
-            f"The {problem.name} Hessian restricted to the support is singular (|S| = {s}, "
-            f"rank {int(keep.sum())}, n = {problem.n_samples}) and the right-hand side is "
-            f"not in its range (relative residual {resid:.2g}): the criterion depends on "
-            "which of the non-unique inner solutions is returned, so its hypergradient is "
-            "undefined. Use a criterion of the predictions Xŵ, increase the penalty, drop "
-            "duplicated columns or add an ℓ2 term."
+        X, rank_j = _min_norm_solve(Hp, Bp)
+        x = np.asarray(X)[:s]
+        r = int(rank_j) - (Hp.shape[0] - s)  # the padding block has full rank
+    resid = np.linalg.norm(H @ x - B2) / max(float(np.linalg.norm(B2)), 1e-300)
+    if resid <= 1e-6:
+        note = (
+            f"the {problem.name} support Hessian is rank-deficient (rank {r} of |S| = "
+            f"{s}: duplicate or collinear active columns); the inner solution is not "
+            "unique but its prediction is, and the minimum-norm solution of the "
+            "consistent support system was used"
         )
+        return SupportSolve(x[:, 0] if vector else x, r, note)
     raise SingularSystemError(
-        f"The {problem.name} Hessian restricted to the support (|S| = {s}, n = "
-        f"{problem.n_samples}) is singular or nearly so (condition number >= {cond:.3g}). "
-        "The derivative is numerically unreliable (|S| > n or collinear active features "
-        "with a vanishing ℓ2 term); increase the penalty or the ℓ2 term."
+        f"The {problem.name} Hessian restricted to the support is singular (|S| = {s}, "
+        f"rank {r}, n = {problem.n_samples}) and the right-hand side is not in its range "
+        f"(relative residual {resid:.2g}): the criterion depends on which of the "
+        "non-unique inner solutions is returned, so its hypergradient is undefined. Use a "
+        "criterion of the predictions Xŵ, increase the penalty, drop duplicated columns "
+        "or add an ℓ2 term."
     )
 
 
@@ -262,7 +325,8 @@ class ImplicitSupport(HypergradientMethod):
         val, gC = _criterion_grad(criterion, problem, w)
         # Jitted only when float64 is enabled globally: under a local ``jax.enable_x64``
         # context the host callback of dargmin's optimality check returns float32.
-        fn = _smooth_ift_vjp_jit if jax.config.jax_enable_x64 else _smooth_ift_vjp
+        x64 = bool(jax.config.jax_enable_x64)  # type: ignore[attr-defined]
+        fn = _smooth_ift_vjp_jit if x64 else _smooth_ift_vjp
         grad = fn(
             jnp.asarray(theta),
             jnp.asarray(w),
@@ -276,11 +340,6 @@ class ImplicitSupport(HypergradientMethod):
             problem.augmented,
         )
         return val, np.asarray(grad), _info(support_size=problem.n_coef)
-
-
-def _bucket(k: int, minimum: int = 8) -> int:
-    # Pad dynamic sizes to powers of two so jit compiles O(log p) variants, not one per |S|.
-    return max(minimum, 1 << (int(k) - 1).bit_length())
 
 
 @jax.jit
@@ -389,6 +448,13 @@ class ImplicitForward(HypergradientMethod):
                 stacklevel=4,
             )
         J = np.asarray(J)[:s, :k]
+        if not np.any(l2[S] > 0):
+            # A pure ℓ1 support system may be singular (duplicate or collinear active
+            # columns): the Jacobian is then not unique and ∇R is defined only when ∇_S C is
+            # in the range of H_SS. The shared support solve decides, so that this method
+            # and ImplicitSupport are right together or refuse together.
+            H, _, _ = _restricted_hessian(problem, w, S, l2)
+            _support_solve(H, gC[S], problem, mu=l2[S])
         c = gC[S] @ J
         if in_theta_space:
             grad = c

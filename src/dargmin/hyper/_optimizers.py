@@ -11,16 +11,18 @@ options) -> OuterResult``. :func:`minimize_hyper` is the front door (names ``"gd
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
 
+from dargmin.diagnostics import DargminWarning
 from dargmin.hyper._registry import register, resolve
 
 Array = Any
-ValueGrad = Callable[[np.ndarray], tuple[float, np.ndarray]]
+ValueGrad = Callable[[np.ndarray], tuple[float, np.ndarray | None]]
 
 
 @dataclass
@@ -65,16 +67,17 @@ class Monitor:
         self.grad_norms.append(float(grad_norm))
         self.accepted.append(bool(accepted))
 
-    def best(self) -> tuple[np.ndarray, float]:
-        """The evaluated ``(log_theta, value)`` with the lowest finite value."""
-        vals = np.asarray(self.values, dtype=float)
+    def best(self, start: int = 0) -> tuple[np.ndarray, float]:
+        """The evaluated ``(log_theta, value)`` with the lowest finite value, among the
+        records from index ``start`` on (a reused monitor keeps earlier runs' records)."""
+        vals = np.asarray(self.values[start:], dtype=float)
         if vals.size == 0 or not np.any(np.isfinite(vals)):
             raise ValueError(
                 "No finite criterion value was recorded: every evaluation failed (see the "
                 "warnings); start from another log_theta0 or tighten the bounds."
             )
         i = int(np.nanargmin(np.where(np.isfinite(vals), vals, np.nan)))
-        return self.log_thetas[i], float(vals[i])
+        return self.log_thetas[start + i], float(vals[i])
 
     def time_to_reach(self, target: float) -> float:
         """First time the criterion was ``≤ target`` (``inf`` if never)."""
@@ -122,6 +125,34 @@ class Options(NamedTuple):
     ftol: float = 1e-5
     max_step: float = 1.0
     progress: bool | None = False
+    rgtol: float = 1e-4
+    xtol: float = 1e-3
+    start: int = 0
+
+
+_KINK = "no decrease for steps down to xtol (a local minimum to within xtol)"
+
+
+def _stationary(gmax: float, value: float, opts: Options) -> bool:
+    # The hypergradient is in units of R per unit of log θ: relative to |R| it is the
+    # first-order relative change of R over a step of 1 in log θ (a factor e on λ).
+    return gmax <= opts.gtol or gmax <= opts.rgtol * abs(value)
+
+
+def _warn_not_stationary(theta: np.ndarray, value: float, gmax: float, opts: Options, why: str):
+    warnings.warn(
+        f"The outer optimization stopped ({why}) at log_theta = "
+        f"{np.round(theta, 4).tolist()[:5]} with a projected hypergradient ‖∇R‖∞ = {gmax:.3g}, "
+        f"{gmax / max(abs(value), 1e-300):.3g} relative to R = {value:.6g} (stationary: <= "
+        f"rgtol = {opts.rgtol:g}); the result may not be a local minimum. Raise max_iter, "
+        "start elsewhere, or try optimizer='lbfgs'.",
+        OuterConvergenceWarning,
+        stacklevel=5,
+    )
+
+
+class OuterConvergenceWarning(DargminWarning):
+    """The outer optimization stopped where the hypergradient is not small."""
 
 
 def _projected_grad(theta: np.ndarray, g: np.ndarray, lo: np.ndarray, hi: np.ndarray):
@@ -148,31 +179,49 @@ def _descent_loop(step_fn, evaluate, theta, lo, hi, mon, opts: Options, desc: st
             f"(value {value}); start from another log_theta0 or tighten the bounds."
         )
     message = f"maximum number of iterations ({opts.max_iter}) reached"
+    converged = False
     it = 0
     bar = _progress(opts.progress, opts.max_iter, desc)
     try:
         for it in range(1, opts.max_iter + 1):
             pg = _projected_grad(theta, grad, lo, hi)
             gmax = float(np.max(np.abs(pg)))
-            if gmax <= opts.gtol:
-                message = f"projected gradient ‖∇R‖∞ = {gmax:.3g} <= gtol"
+            if _stationary(gmax, value, opts):
+                message = f"projected gradient ‖∇R‖∞ = {gmax:.3g} is stationary"
+                converged = True
                 it -= 1
                 break
             out = step_fn(theta, value, grad, pg)
             if isinstance(out, str):
                 message = out
+                converged = out == _KINK
                 break
             new, new_value, new_grad = out
             rel = abs(value - new_value) / max(abs(value), 1e-300)
+            dx = float(np.max(np.abs(new - theta)))
             theta, value, grad = new, new_value, new_grad
             bar.update(1)
             bar.set_postfix(criterion=f"{value:.4g}")
-            if rel <= opts.ftol:
+            if dx <= opts.xtol:
+                # The iterate no longer moves: a minimum at a kink of R (a support change of
+                # the Lasso), where the one-sided gradients do not vanish.
+                message = f"step ‖Δθ‖∞ = {dx:.3g} <= xtol"
+                converged = True
+                break
+            g_new = float(np.max(np.abs(_projected_grad(theta, grad, lo, hi))))
+            # A small change of R alone is no reason to stop where the slope is still large
+            # (a plateau between two minima of a cross-validation curve).
+            if rel <= opts.ftol and g_new <= 10 * opts.rgtol * abs(value):
                 message = f"relative criterion change {rel:.3g} <= ftol"
+                converged = True
                 break
     finally:
         bar.close()
-    best_theta, best_value = mon.best()
+    if not converged:
+        gmax = float(np.max(np.abs(_projected_grad(theta, grad, lo, hi))))
+        if not _stationary(gmax, value, opts):
+            _warn_not_stationary(theta, value, gmax, opts, message)
+    best_theta, best_value = mon.best(opts.start)
     return OuterResult(best_theta, best_value, it, len(mon.values), mon, message)
 
 
@@ -206,17 +255,23 @@ class ProjectedGradientDescent:
         def one_step(theta, value, grad, pg):
             gmax = float(np.max(np.abs(pg)))
             cap = opts.max_step / gmax
-            step[0] = cap if step[0] is None else min(2.0 * step[0], cap)
+            t = cap if step[0] is None else min(2.0 * step[0], cap)
             for _ in range(self.max_backtracks):
-                new = np.clip(theta - step[0] * pg, lo, hi)
+                step[0] = t
+                new = np.clip(theta - t * pg, lo, hi)
                 if np.array_equal(new, theta):
                     return "no feasible descent step (stuck at the bounds)"
+                if float(np.max(np.abs(new - theta))) < opts.xtol:
+                    # No decrease down to steps below xtol: θ is a minimum to within xtol
+                    # (typically at a kink of R, where the gradient does not vanish).
+                    return _KINK
                 new_value, new_grad = evaluate(new, accepted=False)
                 decrease = 1e-4 * float(grad @ (theta - new))
                 if np.isfinite(new_value) and new_value <= value - decrease:
                     monitor.accepted[-1] = True
                     return new, new_value, new_grad
-                step[0] *= 0.5
+                t *= 0.5
+                step[0] = t
             return "line search failed to decrease the criterion"
 
         return _descent_loop(one_step, evaluate, theta, lo, hi, monitor, opts, "hyper")
@@ -306,7 +361,12 @@ class LBFGSB:
             )
         finally:
             bar.close()
-        best_theta, best_value = monitor.best()
+        best_theta, best_value = monitor.best(opts.start)
+        if not res.success:
+            g = np.asarray(res.jac, float)
+            gmax = float(np.max(np.abs(_projected_grad(np.asarray(res.x), g, lo, hi))))
+            if not _stationary(gmax, float(res.fun), opts):
+                _warn_not_stationary(np.asarray(res.x), float(res.fun), gmax, opts, res.message)
         return OuterResult(
             best_theta, best_value, n_iter, len(monitor.values), monitor, str(res.message)
         )
@@ -334,6 +394,8 @@ def minimize_hyper(
     max_step: float = 1.0,
     monitor: Monitor | None = None,
     progress: bool | None = False,
+    rgtol: float = 1e-4,
+    xtol: float = 1e-3,
 ) -> OuterResult:
     """Minimize ``R(θ)`` given ``fun(θ) -> (R(θ), ∇R(θ))`` over a box in log scale.
 
@@ -342,8 +404,13 @@ def minimize_hyper(
     name: ``"gd"`` (projected gradient descent with Armijo backtracking, the default) or
     ``"lbfgs"`` (SciPy's L-BFGS-B). Steps are capped at ``‖Δθ‖∞ ≤ max_step``.
 
-    Stopping: ``‖projected ∇R‖∞ ≤ gtol``, a relative decrease below ``ftol`` between two
-    accepted iterates, or ``max_iter`` iterations.
+    Stopping (gradient descent and optax): stationarity, ``‖projected ∇R‖∞ ≤ gtol`` or
+    ``≤ rgtol·|R|`` (the first-order relative change of ``R`` over a unit step in log θ);
+    a step ``‖Δθ‖∞ ≤ xtol`` (a minimum at a kink of ``R``); a relative decrease below
+    ``ftol`` between two accepted iterates *where the gradient is nearly stationary*
+    (``≤ 10·rgtol·|R|``); or ``max_iter`` iterations. Stopping anywhere else than at a
+    stationary point issues an :class:`OuterConvergenceWarning` with the numbers. A reused
+    ``monitor`` keeps its earlier records, but the best point is taken from this run only.
 
     Examples
     --------
@@ -370,6 +437,7 @@ def minimize_hyper(
     opt = _resolve_optimizer(optimizer)
     theta = np.clip(theta, lo, hi)
     mon = monitor if monitor is not None else Monitor()
+    start = len(mon.values)
 
     n_evals = 0
 
@@ -381,5 +449,7 @@ def minimize_hyper(
         mon.record(th, v, gn, accepted)
         return v, g
 
-    opts = Options(int(max_iter), float(gtol), float(ftol), float(max_step), progress)
+    opts = Options(
+        int(max_iter), float(gtol), float(ftol), float(max_step), progress, rgtol, xtol, start
+    )
     return opt.minimize(evaluate, theta, lo, hi, mon, opts)._replace(n_evals=n_evals)

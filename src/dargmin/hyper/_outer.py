@@ -8,6 +8,8 @@ warm-started inner solves (:func:`~dargmin.hyper.hypergradient`,
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -34,10 +36,7 @@ def _references(problem: HyperProblem) -> tuple[np.ndarray, np.ndarray]:
     ref_l1 = np.log((amax if amax > 0 and not null else 1.0) / 10.0)
     curv = problem.datafit.curvature_bound(problem.n_samples) * np.sum(problem.design**2)
     ref_l2 = np.log((curv / problem.n_features if curv > 0 and not null else 1.0) / 10.0)
-    if problem.l1 is not None and problem.l2 is not None and problem.n_hyper == 2:
-        is_l1 = np.array([True, False])  # elastic net: (log λ, log μ)
-    else:
-        is_l1 = np.full(problem.n_hyper, problem.l1 is not None)
+    is_l1 = problem.l1_coordinates()
     return np.where(is_l1, ref_l1, ref_l2), is_l1
 
 
@@ -80,6 +79,23 @@ def default_bounds(problem: HyperProblem) -> tuple[np.ndarray, np.ndarray]:
     return lo, hi
 
 
+def single_threaded_blas() -> contextlib.AbstractContextManager:
+    """A context limiting the BLAS libraries loaded by NumPy/SciPy to one thread.
+
+    The outer loop alternates NumPy BLAS calls (scikit-learn's solver, the support
+    Hessian) with small XLA computations (the support solves). After each BLAS call
+    OpenBLAS's worker threads keep spinning for a while and starve XLA's threads: on two
+    cores a 64 × 64 support solve took 200-600 ms instead of 0.5 ms (diabetes with
+    polynomial features: a 17 s fit instead of 1.5 s). The problems solved here are too
+    small to gain from BLAS threads. ``threadpoolctl`` ships with scikit-learn.
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - scikit-learn (hence threadpoolctl) missing
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
+
+
 def optimize_hyperparameters(
     problem: HyperProblem,
     criterion: Any,
@@ -95,6 +111,9 @@ def optimize_hyperparameters(
     max_step: float = 1.0,
     progress: bool | None = False,
     monitor: Monitor | None = None,
+    n_path: int = 0,
+    rgtol: float = 1e-4,
+    xtol: float = 1e-3,
     **hypergradient_options: Any,
 ) -> OuterResult:
     """Hypergradient descent: minimize ``R(θ) = C(ŵ(θ))`` over ``log_theta``.
@@ -102,6 +121,13 @@ def optimize_hyperparameters(
     Each evaluation solves the inner problem (one per fold), warm-started from the previous
     evaluation, and computes ``∇R`` with :func:`hypergradient`; the outer loop is
     :func:`minimize_hyper`.
+
+    A cross-validation curve often has several local minima. With ``n_path > 0`` (and one
+    hyperparameter) ``R`` is first evaluated on ``n_path`` log-spaced points of the box,
+    from the strongest penalty down, each inner solve warm-started from the previous one
+    (the path scikit-learn's ``LassoCV`` computes, but coarse); the descent then starts at
+    the best of them (``log_theta0`` is ignored). The path points are recorded in the
+    monitor and counted in ``n_evals`` and ``n_iter``.
 
     Parameters
     ----------
@@ -120,8 +146,10 @@ def optimize_hyperparameters(
         ``"sklearn"``).
     bounds
         ``(lo, hi)`` in log scale (default :func:`default_bounds`).
-    max_iter, gtol, ftol, max_step, progress, monitor
+    max_iter, gtol, ftol, max_step, progress, monitor, rgtol, xtol
         See :func:`minimize_hyper`.
+    n_path
+        Number of coarse-path points evaluated before the descent (0: none).
     **hypergradient_options
         Legacy options of the method names (``tol``, ``tol_jac``, ``unrolled``...), see
         :func:`hypergradient`.
@@ -136,49 +164,159 @@ def optimize_hyperparameters(
     >>> res.value < 1.5
     True
     """
+    with single_threaded_blas():
+        return _optimize_hyperparameters(
+            problem,
+            criterion,
+            log_theta0,
+            method=method,
+            optimizer=optimizer,
+            solver=solver,
+            bounds=bounds,
+            max_iter=max_iter,
+            gtol=gtol,
+            ftol=ftol,
+            max_step=max_step,
+            progress=progress,
+            monitor=monitor,
+            n_path=n_path,
+            rgtol=rgtol,
+            xtol=xtol,
+            **hypergradient_options,
+        )
+
+
+def _optimize_hyperparameters(
+    problem: HyperProblem,
+    criterion: Any,
+    log_theta0: Array | None,
+    *,
+    method: Any,
+    optimizer: Any,
+    solver: Any,
+    bounds: tuple[Array, Array] | None,
+    max_iter: int,
+    gtol: float,
+    ftol: float,
+    max_step: float,
+    progress: bool | None,
+    monitor: Monitor | None,
+    n_path: int,
+    rgtol: float,
+    xtol: float,
+    **hypergradient_options: Any,
+) -> OuterResult:
     meth = resolve("method", method, problem, **hypergradient_options)
     theta0 = default_log_theta0(problem) if log_theta0 is None else log_theta0
     theta0 = problem.check_theta(theta0)
     if bounds is None:
         bounds = default_bounds(problem)
-    n_folds = len(criterion.folds(problem)) if hasattr(criterion, "folds") else 1
-    # One solver object per fold: scikit-learn's warm start lives in the estimator object.
-    base = [problem] if n_folds == 1 else [p for p, _ in criterion.folds(problem)]
-    solvers = [resolve("solver", solver, p) for p in base]
+    folds = hasattr(criterion, "folds")
+    base = [p for p, _ in criterion.folds(problem)] if folds else [problem]
+    # One solver object per fold (a copy of a user's instance): scikit-learn's warm start
+    # lives in the estimator object, which must not be shared between folds.
+    solvers = [copy.deepcopy(resolve("solver", solver, p)) for p in base]
 
     def evaluate(th: np.ndarray, w0: Any) -> tuple[float, np.ndarray, Any]:
         hg = hypergradient(problem, criterion, th, method=meth, solver=solvers, w0=w0)
         return hg.value, hg.grad, hg.coef
 
-    return minimize_rejecting_singular(
+    mon = monitor if monitor is not None else Monitor()
+    coef0, first, n_path_evals = None, None, 0
+    if n_path > 0:
+        theta0, first, coef0, n_path_evals = _coarse_path(
+            evaluate, problem, np.asarray(bounds[0]), np.asarray(bounds[1]), n_path, mon
+        )
+    res = minimize_rejecting_singular(
         evaluate,
         theta0,
+        coef0=coef0,
+        first=first,
         optimizer=optimizer,
         bounds=bounds,
         max_iter=max_iter,
         gtol=gtol,
         ftol=ftol,
         max_step=max_step,
-        monitor=monitor,
+        monitor=mon,
         progress=progress,
+        rgtol=rgtol,
+        xtol=xtol,
     )
+    if n_path_evals:
+        # The best point may be a path point (the descent only sees its own records).
+        theta_b, value_b = mon.best(len(mon.values) - res.n_evals - n_path_evals)
+        res = res._replace(
+            log_theta=theta_b,
+            value=value_b,
+            n_iter=res.n_iter + n_path_evals,
+            n_evals=res.n_evals + n_path_evals,
+        )
+    return res
+
+
+def _coarse_path(
+    evaluate: Callable[[np.ndarray, Any], tuple[float, np.ndarray, Any]],
+    problem: HyperProblem,
+    lo: np.ndarray,
+    hi: np.ndarray,
+    n_path: int,
+    monitor: Monitor,
+) -> tuple[np.ndarray, tuple[float, np.ndarray], Any, int]:
+    """Evaluate ``R`` on ``n_path`` points from ``hi`` to ``lo`` (warm-started); return the
+    best point, its ``(value, gradient)``, its inner solutions and the number of
+    evaluations."""
+    if problem.n_hyper != 1:
+        raise ValueError(
+            f"n_path > 0 needs a single hyperparameter; {problem.name} has {problem.n_hyper}."
+        )
+    lo_b = np.broadcast_to(lo, (1,))
+    hi_b = np.broadcast_to(hi, (1,))
+    # The top of an ℓ1 box is α_max, where ŵ = 0 is known: start one step below it.
+    grid = np.linspace(hi_b[0], lo_b[0], n_path + 1)[1:]
+    best: tuple[float, np.ndarray, Any, Any] = (np.inf, grid[:1], None, None)
+    coef, n_evals = None, 0
+    for t in grid:
+        th = np.array([t])
+        try:
+            value, grad, coef = evaluate(th, coef)
+        except SingularSystemError:
+            # Past this point the support systems are singular (|S| > n): stop the path.
+            break
+        n_evals += 1
+        monitor.record(th, value, float(np.max(np.abs(grad))), accepted=False)
+        if np.isfinite(value) and value < best[0]:
+            best = (value, th, coef, grad)
+    if best[2] is None:
+        raise SingularSystemError(
+            f"Every point of the coarse path of {problem.name} had a singular support "
+            "system; raise the lower bound of log_theta."
+        )
+    # The descent starts from the best point's own evaluation: re-solving there from other
+    # warm starts could land on another (equally optimal) inner solution.
+    return best[1], (best[0], best[3]), best[2], n_evals
 
 
 def minimize_rejecting_singular(
     evaluate: Callable[[np.ndarray, Any], tuple[float, np.ndarray, Any]],
     theta0: np.ndarray,
+    coef0: Any = None,
+    first: tuple[float, np.ndarray] | None = None,
     **minimize_options: Any,
 ) -> OuterResult:
     """Run :func:`minimize_hyper` on ``evaluate(θ, w0) -> (value, gradient, coef)``,
-    warm-starting each inner solve from the previous coefficients and rejecting (value
-    ``inf``) trial points whose restricted Hessian is singular, with one warning at the end.
+    warm-starting each inner solve from the previous coefficients (``coef0`` first) and
+    rejecting (value ``inf``) trial points whose restricted Hessian is singular, with one
+    warning at the end. ``first``: the known ``(value, gradient)`` at ``theta0``.
 
     Shared by :func:`optimize_hyperparameters` and :func:`dargmin.hyper.optimize_sure`.
     """
-    state: dict[str, Any] = {"coef": None, "n_singular": 0, "n_calls": 0}
+    state: dict[str, Any] = {"coef": coef0, "n_singular": 0, "n_calls": 0}
 
     def fun(th: np.ndarray) -> tuple[float, np.ndarray | None]:
         state["n_calls"] += 1
+        if state["n_calls"] == 1 and first is not None:
+            return first  # already evaluated at theta0 (with coef0)
         try:
             value, grad, coef = evaluate(th, state["coef"])
         except SingularSystemError as err:
@@ -279,15 +417,16 @@ def optimize_sure(
         res = crit.evaluate(problem, th, method=meth, solver=solver)
         return res.value, res.grad, res.coef
 
-    return minimize_rejecting_singular(
-        evaluate,
-        theta0,
-        optimizer=optimizer,
-        bounds=bounds,
-        max_iter=max_iter,
-        gtol=gtol,
-        ftol=ftol,
-        max_step=max_step,
-        monitor=monitor,
-        progress=progress,
-    )
+    with single_threaded_blas():
+        return minimize_rejecting_singular(
+            evaluate,
+            theta0,
+            optimizer=optimizer,
+            bounds=bounds,
+            max_iter=max_iter,
+            gtol=gtol,
+            ftol=ftol,
+            max_step=max_step,
+            monitor=monitor,
+            progress=progress,
+        )

@@ -224,6 +224,28 @@ class HyperProblem(eqx.Module):
         """True when there is no ℓ1 term (the inner problem is differentiable)."""
         return self.l1 is None
 
+    def l1_coordinates(self) -> np.ndarray:
+        """Which entries of ``log_theta`` are ℓ1 strengths (a boolean vector).
+
+        Read from the penalty maps themselves: entry ``i`` is an ℓ1 strength when ``λ``
+        depends on ``θᵢ`` (``∂λ/∂θᵢ ≠ 0`` at ``θ = 0``), an ℓ2 strength otherwise.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> elastic_net(np.eye(3), np.ones(3)).l1_coordinates().tolist()
+        [True, False]
+        """
+
+        def compute() -> np.ndarray:
+            if self.l1 is None:
+                return np.zeros(self.n_hyper, dtype=bool)
+            with jax.enable_x64(True):
+                jac = jax.jacfwd(lambda t: self.penalties(t)[0])(jnp.zeros(self.n_hyper))
+            return np.asarray(np.any(np.asarray(jac) != 0, axis=0))
+
+        return np.asarray(self.cache.get("l1_coordinates", compute))
+
     def check_theta(self, log_theta: Array) -> np.ndarray:
         """Validate ``log_theta`` (shape, finiteness) and return it as a float64 vector."""
         t = np.asarray(log_theta, dtype=np.float64).reshape(-1)
