@@ -9,6 +9,9 @@
   models, cross-validation, scikit-learn estimators); imported on first use.
 * :mod:`dargmin.sensitivity` — influence functions, infinitesimal jackknife and approximate
   leave-one-out of M-estimators.
+* :mod:`dargmin.constrained` — KKT differentiation of constrained optima from any solver
+  (duals recovered when missing; infeasibility, LICQ and degeneracy refused with numbers)
+  and a batched, differentiable QP layer ``solve_qp``.
 * :mod:`dargmin.projections` — differentiable projections (simplex/sparsemax, ℓ1/ℓ2 balls,
   box, orthant, affine set) and proximal operators (ℓ1, group ℓ1, elastic net).
 * :mod:`dargmin.compat.jaxopt` — JAXopt's ``custom_root``, ``custom_fixed_point``,
@@ -83,7 +86,7 @@ from dargmin.taylor import AccuracyReport, TaylorExpansion, taylor_expand
 __version__ = "0.1.0"
 
 
-_LAZY_SUBPACKAGES = frozenset({"compat", "hyper", "imaging", "influence"})
+_LAZY_SUBPACKAGES = frozenset({"compat", "constrained", "hyper", "imaging", "influence"})
 
 # Old names, kept for one release: each warns and points to its replacement.
 _DEPRECATED = {

@@ -1,0 +1,153 @@
+"""The batched QP layer (dargmin.constrained.solve_qp).
+
+Truths: central differences of re-solves (by an independent solver, SciPy's trust-constr,
+where the solve itself is also compared), an external solver's duals (Clarabel) giving the
+same derivative, a peer layer (cvxpylayers) where installed, and the refusals.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dargmin.constrained import (
+    Clarabel,
+    DegenerateActiveSetError,
+    InfeasibleSolutionError,
+    solve_qp,
+)
+from dargmin.errors import failure_reason
+
+
+def random_qp(seed, n=6, batch=()):
+    """qpth's setting: Q = LLᵀ + 1e-3 I, n/2 inequalities, n/5 equalities, feasible."""
+    rng = np.random.default_rng(seed)
+    m, p = n // 2, max(n // 5, 1)
+    L = rng.standard_normal((*batch, n, n))
+    Q = L @ np.swapaxes(L, -1, -2) + 1e-3 * np.eye(n)
+    q = rng.standard_normal((*batch, n))
+    A = rng.standard_normal((*batch, p, n))
+    x0 = rng.standard_normal((*batch, n))
+    G = rng.standard_normal((*batch, m, n))
+    b = np.einsum("...ij,...j->...i", A, x0)
+    h = np.einsum("...ij,...j->...i", G, x0) + rng.uniform(size=(*batch, m))
+    return tuple(jnp.asarray(v) for v in (Q, q, A, b, G, h))
+
+
+def scipy_qp(Q, q, A, b, G, h):
+    """An independent solver (SciPy trust-constr): the re-solves of the differences."""
+    from scipy.optimize import LinearConstraint, minimize
+
+    Q, q, A, b, G, h = (np.asarray(v) for v in (Q, q, A, b, G, h))
+    constraints = [LinearConstraint(A, b, b), LinearConstraint(G, -np.inf, h)]
+    res = minimize(
+        lambda x: 0.5 * x @ Q @ x + q @ x,
+        np.zeros(q.size),
+        jac=lambda x: Q @ x + q,
+        hess=lambda x: Q,
+        constraints=constraints,
+        method="trust-constr",
+        options={"gtol": 1e-13, "xtol": 1e-13, "maxiter": 5000},
+    )
+    return res.x
+
+
+PROBLEM = random_qp(0)
+
+
+def test_solution_matches_scipy_and_converges():
+    sol = solve_qp(*PROBLEM)
+    assert bool(sol.info.converged)
+    assert float(sol.info.primal_residual) < 1e-10 and float(sol.info.dual_residual) < 1e-9
+    np.testing.assert_allclose(sol.x, scipy_qp(*PROBLEM), atol=1e-6)
+    assert float(jnp.min(sol.ineq_dual)) >= 0.0
+
+
+def test_derivatives_in_every_argument_match_differences_of_resolves():
+    # Reverse mode in all six arguments at once, and forward mode along one direction in
+    # all of them, against central differences of SciPy re-solves (an independent solver).
+    rng = np.random.default_rng(1)
+    weights = jnp.asarray(rng.standard_normal(PROBLEM[1].size))
+    directions = [rng.standard_normal(a.shape) for a in PROBLEM]
+    directions[0] = directions[0] + directions[0].T  # Q enters through its symmetric part
+
+    def loss(*args):
+        return weights @ solve_qp(*args).x
+
+    grads = jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5))(*PROBLEM)
+    tangent = jax.jvp(loss, PROBLEM, tuple(jnp.asarray(d) for d in directions))[1]
+    step = 1e-5
+
+    def difference(which):
+        values = []
+        for sign in (1, -1):
+            args = [np.asarray(a) for a in PROBLEM]
+            for i in which:
+                args[i] = args[i] + sign * step * directions[i]
+            values.append(float(np.asarray(weights) @ scipy_qp(*args)))
+        return (values[0] - values[1]) / (2 * step)
+
+    for i in range(6):
+        got = float(jnp.vdot(grads[i], directions[i]))
+        np.testing.assert_allclose(got, difference([i]), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(float(tangent), difference(range(6)), rtol=1e-4, atol=1e-6)
+
+
+def test_batched_reverse_agrees_with_member_and_external_solver():
+    batch = random_qp(3, n=5, batch=(3,))
+    Q, q, A, b, G, h = batch
+
+    def loss(q, h, solver=None):
+        return solve_qp(Q, q, A, b, G, h, solver=solver).x.sum()
+
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(q, h)
+    member = jax.grad(lambda q, h: solve_qp(Q[1], q, A[1], b[1], G[1], h).x.sum(), argnums=(0, 1))(
+        q[1], h[1]
+    )
+    np.testing.assert_allclose(grads[0][1], member[0], atol=1e-9)
+    np.testing.assert_allclose(grads[1][1], member[1], atol=1e-9)
+    pytest.importorskip("clarabel")
+    external = jax.grad(lambda q, h: loss(q, h, Clarabel()), argnums=(0, 1))(q, h)
+    np.testing.assert_allclose(external[0], grads[0], atol=1e-7)
+    np.testing.assert_allclose(external[1], grads[1], atol=1e-7)
+
+
+def test_agrees_with_cvxpylayers():
+    cp = pytest.importorskip("cvxpy")
+    layers = pytest.importorskip("cvxpylayers.jax")
+    Q, q, A, b, G, h = PROBLEM
+    n = q.size
+    x = cp.Variable(n)
+    q_p, h_p = cp.Parameter(n), cp.Parameter(h.size)
+    Q_half = np.linalg.cholesky(np.asarray(Q))
+    problem = cp.Problem(
+        cp.Minimize(0.5 * cp.sum_squares(Q_half.T @ x) + q_p @ x),
+        [np.asarray(A) @ x == np.asarray(b), np.asarray(G) @ x <= h_p],
+    )
+    layer = layers.CvxpyLayer(problem, parameters=[q_p, h_p], variables=[x])
+    theirs = jax.grad(lambda q, h: layer(q, h)[0].sum(), argnums=(0, 1))(q, h)
+    ours = jax.grad(lambda q, h: solve_qp(Q, q, A, b, G, h).x.sum(), argnums=(0, 1))(q, h)
+    # cvxpylayers solves with SCS/Clarabel to ~1e-8 and differentiates with diffcp's LSQR
+    np.testing.assert_allclose(theirs[0], ours[0], atol=1e-4)
+    np.testing.assert_allclose(theirs[1], ours[1], atol=1e-4)
+
+
+def test_refusals_infeasible_and_degenerate():
+    # Both instances have two inequalities (one compilation serves both).
+    Q, q = jnp.eye(2), jnp.array([-1.0, -1.0])
+    # infeasible: x₁ ≤ -1 and -x₁ ≤ -1
+    G, h = jnp.array([[1.0, 0.0], [-1.0, 0.0]]), jnp.array([-1.0, -1.0])
+    sol = solve_qp(Q, q, G=G, h=h)
+    assert not bool(sol.info.converged)
+    with pytest.raises(InfeasibleSolutionError, match="not feasible"):
+        jax.grad(lambda h: solve_qp(Q, q, G=G, h=h).x.sum())(h)
+    # weakly active: the unconstrained minimizer (1, 1) lies on x₁ + x₂ ≤ 2 (x₁ ≥ -10 idle)
+    G, h = jnp.array([[1.0, 1.0], [-1.0, 0.0]]), jnp.array([2.0, 10.0])
+    with pytest.raises(DegenerateActiveSetError, match=r"multiplier λ = .* slack") as info:
+        jax.grad(lambda h: solve_qp(Q, q, G=G, h=h).x.sum())(h)
+    assert failure_reason(info.value) == "degenerate"
+    # one-sided derivatives on request: active branch (h decreasing) and inactive (increasing)
+    active = jax.grad(lambda h: solve_qp(Q, q, G=G, h=h, degenerate="active").x.sum())(h)
+    inactive = jax.grad(lambda h: solve_qp(Q, q, G=G, h=h, degenerate="inactive").x.sum())(h)
+    np.testing.assert_allclose(active, [1.0, 0.0], atol=1e-8)  # x = (h/2, h/2) while active
+    np.testing.assert_allclose(inactive, [0.0, 0.0], atol=1e-8)
