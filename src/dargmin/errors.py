@@ -115,7 +115,7 @@ def multi_device() -> bool:
     other devices would wait for it at their next collective until XLA aborts the process
     (measured: a 40 s stall, then a crash). Where a program may be partitioned, dargmin's
     callbacks therefore report a refusal as a :class:`DargminWarning` and poison the
-    derivative with NaN instead of raising. Read at trace time.
+    derivative with NaN instead of raising. Read on the host when the callback runs.
     """
     import jax  # the bottom layer stays importable without JAX's start-up cost
 

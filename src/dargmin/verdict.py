@@ -180,7 +180,3 @@ def report_implicit_check(
         return refusal_from_callback(error, batch_shape, passed.dtype)
     warnings.warn(message, DargminWarning, stacklevel=2)
     return passed
-
-
-# The name the diagnosis used before the split (kept for callers of the private name).
-_member_problems = member_problems
