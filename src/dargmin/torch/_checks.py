@@ -14,7 +14,10 @@ What is certain and what is probable (as on the JAX side):
 * CG measures the Newton step to ``rtol=0.1`` and records the smallest Rayleigh quotient
   it meets on the residual and on a fixed probe (a witness of a saddle when negative);
   MINRES/GMRES measure the Newton step, and a short CG run on the probe looks for
-  negative curvature when a minimum is declared. No condition number is measured.
+  negative curvature when a minimum is declared. For a declared minimum the ratio of the
+  largest to the smallest Rayleigh quotient met bounds the condition number from below
+  (a singular Hessian is refused, not differentiated into a number of size 1e16); for a
+  general ``∂ₓg`` no condition number is measured.
 """
 
 from __future__ import annotations
@@ -122,6 +125,11 @@ def measure_dense(
     n = r.numel()
     eps = torch.finfo(matrix.dtype).eps
     with torch.no_grad():
+        if not bool(torch.isfinite(matrix).all()):
+            # NaN/inf in x or θ: eigvalsh/svdvals would raise a bare LinAlgError; the
+            # verdict names the non-finite residual (or the failed solve) instead.
+            nan = math.nan
+            return TorchMeasurements(float(r.norm()), float(x.norm()), nan, nan, nan)
         if positive_definite:
             eigenvalues = torch.linalg.eigvalsh(0.5 * (matrix + matrix.mT))
             magnitudes = eigenvalues.abs()
@@ -162,14 +170,16 @@ def measure_matrix_free(
     to compare it with ``tol``; the absolute floor of the derivative's solve is kept), and
     for a declared minimum a negative-curvature witness from CG on a fixed probe — or from
     ``witness``, a CG run already made with the same operator on another right-hand side
-    (the derivative's own solve), which costs no extra product."""
+    (the derivative's own solve), which costs no extra product. The ratio of the largest to
+    the smallest Rayleigh quotient met is reported as the condition number: a lower bound
+    of ``λmax/λmin``, so a refusal on it is never a false alarm."""
     r = residual.reshape(-1)
     n = r.numel()
     eps = torch.finfo(r.dtype).eps
     with torch.no_grad():
         newton: KrylovResult = strategy.krylov(matvec, r, rtol=0.1)
         step = float(newton.x.norm()) if newton.converged else math.nan
-        curvature = math.nan
+        curvature = condition = math.nan
         if positive_definite:
             if witness is None or not math.isfinite(witness.min_curvature):
                 probe = _probe(n, r) * max(float(r.norm()), 1.0) / math.sqrt(n)
@@ -183,7 +193,13 @@ def measure_matrix_free(
                 scales = [newton.max_curvature, witness.max_curvature]
                 scale = max((s for s in scales if math.isfinite(s)), default=0.0)
                 curvature = _beyond_rounding(min(known), scale, n, eps)
-        return TorchMeasurements(float(r.norm()), float(x.norm()), step, math.nan, curvature)
+                if curvature > 0:
+                    # Rayleigh quotients lie in [λmin, λmax]: their ratio is a lower bound
+                    # of the condition number, so exceeding the limit is never a false
+                    # alarm. Without it a CG run on a singular Hessian (smallest quotient
+                    # 1e-17 > 0) passed and returned a derivative of norm 1e16.
+                    condition = scale / curvature
+        return TorchMeasurements(float(r.norm()), float(x.norm()), step, condition, curvature)
 
 
 def report_krylov_failure(

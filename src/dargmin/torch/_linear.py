@@ -26,20 +26,6 @@ from dargmin.linear_solvers import DENSE_MAX_SIZE
 Needs = Literal["general", "symmetric", "positive_definite"]
 MatVec = Callable[[torch.Tensor], torch.Tensor]
 
-__all__ = [
-    "CG",
-    "GMRES",
-    "LU",
-    "MINRES",
-    "Auto",
-    "Cholesky",
-    "KrylovResult",
-    "LeastSquares",
-    "TorchLinearSolver",
-    "as_torch_linear_solver",
-    "krylov_tolerances",
-]
-
 
 def krylov_tolerances(dtype: torch.dtype) -> tuple[float, float]:
     """Default ``(rtol, atol)`` of the Krylov solvers: ``0.1·sqrt(eps)`` and ``1e-3·rtol``,
@@ -115,14 +101,8 @@ class TorchLinearSolver:
         raise NotImplementedError
 
     def tolerances(self, dtype: torch.dtype) -> tuple[float, float]:
-        """``(rtol, atol)`` for ``dtype``: the strategy's own or the defaults."""
-        rtol, atol = krylov_tolerances(dtype)
-        own_rtol = getattr(self, "rtol", None)
-        own_atol = getattr(self, "atol", None)
-        return (
-            own_rtol if own_rtol is not None else rtol,
-            own_atol if own_atol is not None else atol,
-        )
+        """``(rtol, atol)`` for ``dtype``: the defaults (a Krylov strategy's own if set)."""
+        return krylov_tolerances(dtype)
 
 
 @dataclass(frozen=True)
@@ -165,24 +145,51 @@ class LeastSquares(TorchLinearSolver):
 
 
 @dataclass(frozen=True)
-class CG(TorchLinearSolver):
-    """Conjugate gradients (matrix-free; positive definite). Stops at
-    ``‖r‖ ≤ max(rtol·‖b‖, atol)`` or ``max_steps`` (default ``10·n``); records the smallest
-    Rayleigh quotient met, a witness of negative curvature."""
+class KrylovSolver(TorchLinearSolver):
+    """The matrix-free strategies' shared part: tolerances, step budget and stopping rule.
+
+    A run stops at ``‖r‖ ≤ max(rtol·‖b‖, atol)`` or after ``max_steps`` matrix-vector
+    products (default ``10·n``); subclasses implement :meth:`iterate` only.
+    """
 
     rtol: float | None = None
     atol: float | None = None
     max_steps: int | None = None
     dense: ClassVar[bool] = False
-    needs: ClassVar[Needs] = "positive_definite"
-    name: ClassVar[str] = "cg"
+
+    def tolerances(self, dtype: torch.dtype) -> tuple[float, float]:
+        rtol, atol = krylov_tolerances(dtype)
+        return (
+            self.rtol if self.rtol is not None else rtol,
+            self.atol if self.atol is not None else atol,
+        )
 
     def krylov(
         self, matvec: MatVec, rhs: torch.Tensor, *, rtol: float | None = None
     ) -> KrylovResult:
         own_rtol, atol = self.tolerances(rhs.dtype)
         stop = max((rtol if rtol is not None else own_rtol) * float(rhs.norm()), atol)
-        max_steps = self.max_steps or 10 * rhs.numel()
+        return self.iterate(matvec, rhs, stop, self.max_steps or 10 * rhs.numel())
+
+    def iterate(
+        self, matvec: MatVec, rhs: torch.Tensor, stop: float, max_steps: int
+    ) -> KrylovResult:
+        """Run from ``x = 0`` until the residual norm is at most ``stop`` or ``max_steps``."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class CG(KrylovSolver):
+    """Conjugate gradients (matrix-free; positive definite). Stops at
+    ``‖r‖ ≤ max(rtol·‖b‖, atol)`` or ``max_steps`` (default ``10·n``); records the smallest
+    Rayleigh quotient met, a witness of negative curvature."""
+
+    needs: ClassVar[Needs] = "positive_definite"
+    name: ClassVar[str] = "cg"
+
+    def iterate(
+        self, matvec: MatVec, rhs: torch.Tensor, stop: float, max_steps: int
+    ) -> KrylovResult:
         x = torch.zeros_like(rhs)
         r = rhs.clone()
         p = r.clone()
@@ -210,23 +217,16 @@ class CG(TorchLinearSolver):
 
 
 @dataclass(frozen=True)
-class MINRES(TorchLinearSolver):
+class MINRES(KrylovSolver):
     """MINRES (Paige-Saunders; matrix-free; symmetric, possibly indefinite)."""
 
-    rtol: float | None = None
-    atol: float | None = None
-    max_steps: int | None = None
-    dense: ClassVar[bool] = False
     needs: ClassVar[Needs] = "symmetric"
     name: ClassVar[str] = "minres"
 
-    def krylov(
-        self, matvec: MatVec, rhs: torch.Tensor, *, rtol: float | None = None
+    def iterate(
+        self, matvec: MatVec, rhs: torch.Tensor, stop: float, max_steps: int
     ) -> KrylovResult:
-        own_rtol, atol = self.tolerances(rhs.dtype)
         beta1 = float(rhs.norm())
-        stop = max((rtol if rtol is not None else own_rtol) * beta1, atol)
-        max_steps = self.max_steps or 10 * rhs.numel()
         x = torch.zeros_like(rhs)
         if beta1 <= stop:
             return KrylovResult(x, True, 0, beta1, math.nan)
@@ -265,24 +265,17 @@ class MINRES(TorchLinearSolver):
 
 
 @dataclass(frozen=True)
-class GMRES(TorchLinearSolver):
+class GMRES(KrylovSolver):
     """Restarted GMRES (matrix-free; any invertible system). The small least-squares problem
     of each cycle is solved by ``torch.linalg.lstsq`` on the Hessenberg matrix."""
 
-    rtol: float | None = None
-    atol: float | None = None
-    max_steps: int | None = None
     restart: int = 30
-    dense: ClassVar[bool] = False
     needs: ClassVar[Needs] = "general"
     name: ClassVar[str] = "gmres"
 
-    def krylov(
-        self, matvec: MatVec, rhs: torch.Tensor, *, rtol: float | None = None
+    def iterate(
+        self, matvec: MatVec, rhs: torch.Tensor, stop: float, max_steps: int
     ) -> KrylovResult:
-        own_rtol, atol = self.tolerances(rhs.dtype)
-        stop = max((rtol if rtol is not None else own_rtol) * float(rhs.norm()), atol)
-        max_steps = self.max_steps or 10 * rhs.numel()
         x = torch.zeros_like(rhs)
         r = rhs.clone()
         residual = float(r.norm())
@@ -299,7 +292,11 @@ class GMRES(TorchLinearSolver):
                 for i in range(j + 1):  # modified Gram-Schmidt
                     hess[i, j] = basis[i] @ w
                     w = w - hess[i, j] * basis[i]
-                hess[j + 1, j] = w.norm()
+                next_norm = float(w.norm())
+                if not math.isfinite(next_norm):  # NaN/inf products: lstsq would abort
+                    nan = math.nan
+                    return KrylovResult(torch.full_like(rhs, nan), False, steps, nan, nan)
+                hess[j + 1, j] = next_norm
                 steps += 1
                 y = torch.linalg.lstsq(hess[: j + 2, : j + 1], e1[: j + 2, None]).solution[:, 0]
                 small = float((hess[: j + 2, : j + 1] @ y - e1[: j + 2]).norm())
