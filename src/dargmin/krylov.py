@@ -228,14 +228,16 @@ class ConjugateGradient(_SymmetricKrylov):
         b, matvec, unravel = _flat_problem(state, vector)
         dtype = b.dtype
         max_steps = _max_steps(self.max_steps, b.size)
-        tol = jnp.maximum(self.rtol * jnp.linalg.norm(b), self.atol).astype(dtype)
+        rr0 = jnp.dot(b, b)
+        tol = jnp.maximum(self.rtol * jnp.sqrt(rr0), self.atol).astype(dtype)
 
-        # carry: x, r, p, r·r, step, min and max curvature, curvature breakdown flag
+        # carry: x, r, p, r·r, p·p, step, min and max curvature, curvature breakdown flag
         init = (
             jnp.zeros_like(b),
             b,
             b,
-            jnp.dot(b, b),
+            rr0,
+            rr0,
             jnp.array(0, dtype=jnp.int32),
             jnp.array(jnp.inf, dtype=dtype),
             jnp.array(0.0, dtype=dtype),
@@ -243,36 +245,42 @@ class ConjugateGradient(_SymmetricKrylov):
         )
 
         def cond(carry):
-            _, _, _, rr, step, _, _, broke = carry
+            _, _, _, rr, _, step, _, _, broke = carry
             rnorm = jnp.sqrt(rr)
             return (rnorm > tol) & jnp.isfinite(rnorm) & (step < max_steps) & ~broke
 
+        # The body is kept to the textbook recurrence plus two scalar updates: at small sizes
+        # each extra vector operation is a separate kernel launch per iteration, and the
+        # loop's cost is those launches (p = 100: 22 kernels per iteration -> 14).
         def body(carry):
-            x, r, p, rr, step, min_curv, max_curv, _ = carry
+            x, r, p, rr, pp, step, min_curv, max_curv, _ = carry
             Ap = matvec(p)
             pAp = jnp.dot(p, Ap)
-            min_curv = jnp.minimum(min_curv, pAp / jnp.dot(p, p))
-            max_curv = jnp.maximum(max_curv, pAp / jnp.dot(p, p))
+            # ‖p‖² by its recurrence (r_{k+1} ⟂ p_k: ‖p_{k+1}‖² = ‖r_{k+1}‖² + β²‖p_k‖²), a
+            # scalar update instead of one more reduction; only the quotient's scale rests
+            # on it, its sign (the certificate) is that of pᵀAp.
+            curvature = pAp / pp
             broke = pAp <= 0
-            alpha = rr / jnp.where(broke, 1, pAp)
-            x_new = x + alpha * p
-            r_new = r - alpha * Ap
-            rr_new = jnp.dot(r_new, r_new)
-            p_new = r_new + (rr_new / rr) * p
-            # on breakdown keep the last valid iterate: the step would be meaningless
-            keep = lambda new, old: jnp.where(broke, old, new)  # noqa: E731
+            # On breakdown the step is meaningless: a zero step keeps the last valid iterate
+            # (the loop stops there), without selecting between old and new vectors.
+            alpha = jnp.where(broke, 0, rr / jnp.where(broke, 1, pAp))
+            x = x + alpha * p
+            r = r - alpha * Ap
+            rr_new = jnp.dot(r, r)
+            beta = rr_new / rr
             return (
-                keep(x_new, x),
-                keep(r_new, r),
-                keep(p_new, p),
-                keep(rr_new, rr),
+                x,
+                r,
+                r + beta * p,
+                rr_new,
+                rr_new + beta**2 * pp,
                 step + 1,
-                min_curv,
-                max_curv,
+                jnp.minimum(min_curv, curvature),
+                jnp.maximum(max_curv, curvature),
                 broke,
             )
 
-        x, _, _, rr, steps, min_curv, max_curv, broke = jax.lax.while_loop(cond, body, init)
+        x, _, _, rr, _, steps, min_curv, max_curv, broke = jax.lax.while_loop(cond, body, init)
         rnorm = jnp.sqrt(rr)
         nonfinite = ~jnp.isfinite(rnorm) | ~jnp.all(jnp.isfinite(x))
         result = lx.RESULTS.where(rnorm <= tol, lx.RESULTS.successful, lx.RESULTS.max_steps_reached)

@@ -9,6 +9,7 @@ non-finite is traced back to the leaves and examples of ``params`` / ``data`` th
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +24,15 @@ from dargmin.diagnostics import (
     check_optimum,
 )
 from dargmin.linear_solvers import DENSE_MAX_SIZE
-from dargmin.sensitivity._inputs import CheckMode, PyTree, _nonfinite_leaves, _refusal
-from dargmin.sensitivity._kernels import _Kernels
+from dargmin.sensitivity._inputs import (
+    CheckMode,
+    PyTree,
+    _as_arrays,
+    _nonfinite_leaves,
+    _num_examples,
+    _refusal,
+)
+from dargmin.sensitivity._kernels import _Kernels, _kernels
 
 
 def _raise_if_nonfinite(
@@ -169,3 +177,23 @@ def _check_gradients(
     """The per-example gradients are the right-hand sides of every solve: refuse NaN/inf."""
     if not bool(jnp.all(jnp.isfinite(gradients))):
         _raise_if_nonfinite(kernels, params, data, caller=caller)
+
+
+def _prepared_fit(
+    loss: Any,
+    regularizer: Any,
+    params: PyTree,
+    data: PyTree,
+    *,
+    check: CheckMode,
+    tol: float | None,
+    caller: str,
+) -> tuple[PyTree, PyTree, int, _Kernels]:
+    """The preamble every sensitivity function shares: convert ``params``/``data`` (or refuse
+    them with their names), count the examples, build the loss kernels and check that
+    ``params`` is a strict minimum. Returns ``(params, data, n, kernels)``."""
+    params, data = _as_arrays(params, "params", caller), _as_arrays(data, "data", caller)
+    n = _num_examples(data)
+    kernels = _kernels(loss, regularizer)
+    _check_stationary(kernels, params, data, check=check, tol=tol, caller=caller)
+    return params, data, n, kernels

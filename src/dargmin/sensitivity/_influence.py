@@ -14,7 +14,7 @@ from jax.flatten_util import ravel_pytree
 from dargmin.diagnostics import (
     DargminError,
 )
-from dargmin.sensitivity._checks import _check_gradients, _check_stationary
+from dargmin.sensitivity._checks import _check_gradients, _prepared_fit
 from dargmin.sensitivity._hessian_solves import _resolve_solver, _solve_hessian
 from dargmin.sensitivity._inputs import (
     CheckMode,
@@ -22,12 +22,9 @@ from dargmin.sensitivity._inputs import (
     Loss,
     PyTree,
     Regularizer,
-    _as_arrays,
     _nonfinite_leaves,
-    _num_examples,
     _refusal,
 )
-from dargmin.sensitivity._kernels import _kernels
 
 
 def influence_on_params(
@@ -111,11 +108,10 @@ def influence_on_params(
     [-0.667, -0.333, 1.0]
     """
     caller = "influence_on_params"
-    params, data = _as_arrays(params, "params", caller), _as_arrays(data, "data", caller)
-    _num_examples(data)
     _resolve_solver(linear_solver, 1)  # reject a bad name before the (costly) check
-    kernels = _kernels(loss, regularizer)
-    _check_stationary(kernels, params, data, check=check, tol=tol, caller=caller)
+    params, data, _, kernels = _prepared_fit(
+        loss, regularizer, params, data, check=check, tol=tol, caller=caller
+    )
     gradients = kernels.example_gradients(params, data)
     solved = _solve_hessian(
         kernels,
@@ -185,10 +181,9 @@ def influence_on_function(
     [-0.667, -0.333, 1.0]
     """
     caller = "influence_on_function"
-    params, data = _as_arrays(params, "params", caller), _as_arrays(data, "data", caller)
-    n = _num_examples(data)
-    kernels = _kernels(loss, regularizer)
-    _check_stationary(kernels, params, data, check=check, tol=tol, caller=caller)
+    params, data, n, kernels = _prepared_fit(
+        loss, regularizer, params, data, check=check, tol=tol, caller=caller
+    )
     flat, unravel = ravel_pytree(params)
     # One evaluation of fn (cheap next to the solves) gives the output layout to rebuild.
     out_flat, unravel_out = ravel_pytree(fn(params))

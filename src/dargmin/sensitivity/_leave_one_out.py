@@ -15,7 +15,7 @@ from jax.flatten_util import ravel_pytree
 from dargmin.diagnostics import (
     SingularSystemError,
 )
-from dargmin.sensitivity._checks import _check_stationary, _raise_if_nonfinite
+from dargmin.sensitivity._checks import _prepared_fit, _raise_if_nonfinite
 from dargmin.sensitivity._hessian_solves import _default_rtol, _resolve_solver
 from dargmin.sensitivity._influence import infinitesimal_jackknife
 from dargmin.sensitivity._inputs import (
@@ -25,10 +25,9 @@ from dargmin.sensitivity._inputs import (
     PyTree,
     Regularizer,
     _as_arrays,
-    _num_examples,
     _refusal,
 )
-from dargmin.sensitivity._kernels import _Kernels, _kernels
+from dargmin.sensitivity._kernels import _Kernels
 
 # Per-example Hessians are built this many at a time by the dense one-Newton-step ALO, so
 # memory stays at batch × p² instead of n × p². The Woodbury path needs only p × rank per
@@ -120,10 +119,9 @@ def approximate_leave_one_out(
     if method != "newton":
         raise ValueError(f"method must be 'ij' or 'newton', got {method!r}.")
     name = "approximate_leave_one_out"
-    params, data = _as_arrays(params, "params", name), _as_arrays(data, "data", name)
-    n = _num_examples(data)
-    kernels = _kernels(loss, regularizer)
-    _check_stationary(kernels, params, data, check=check, tol=tol, caller=name)
+    params, data, n, kernels = _prepared_fit(
+        loss, regularizer, params, data, check=check, tol=tol, caller=name
+    )
     flat, unravel = ravel_pytree(params)
     p = flat.size
     caller = f"dargmin.sensitivity.{name}"
