@@ -1,0 +1,79 @@
+"""The data, result and solver types of the QP layer, and the residuals every solver reports.
+
+A QP is ``min ½xᵀQx + qᵀx s.t. Ax = b, Gx ≤ h``; its data travel together as a
+:class:`QPData` (one unbatched problem inside a solver).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+
+
+class QPData(NamedTuple):
+    """One unbatched QP: ``Q (n, n)``, ``q (n,)``, ``A (p, n)``, ``b (p,)``, ``G (m, n)``,
+    ``h (m,)`` (empty constraint arrays when there are none)."""
+
+    Q: jax.Array
+    q: jax.Array
+    A: jax.Array
+    b: jax.Array
+    G: jax.Array
+    h: jax.Array
+
+
+class QPInfo(NamedTuple):
+    """Convergence of the forward solve (arrays; batched under ``vmap``).
+
+    Attributes
+    ----------
+    converged
+        Whether every residual below met the solver's tolerance.
+    iterations
+        Iterations used (``-1`` when the external solver does not say).
+    primal_residual
+        ``max(‖Ax − b‖∞, ‖max(Gx − h, 0)‖∞)``.
+    dual_residual
+        ``‖Qx + q + Aᵀν + Gᵀλ‖∞``.
+    gap
+        The complementarity ``sᵀλ / m`` (``0`` without inequalities).
+    """
+
+    converged: jax.Array
+    iterations: jax.Array
+    primal_residual: jax.Array
+    dual_residual: jax.Array
+    gap: jax.Array
+
+
+class QPSolution(NamedTuple):
+    """``x``, the multipliers ``ν`` of ``Ax = b`` and ``λ ≥ 0`` of ``Gx ≤ h`` (all
+    differentiable), and the forward solve's :class:`QPInfo`."""
+
+    x: jax.Array
+    eq_dual: jax.Array
+    ineq_dual: jax.Array
+    info: QPInfo
+
+
+class QPSolver(Protocol):
+    """A forward QP solver: ``(Q, q, A, b, G, h) -> (x, ν, λ, info)``, traceable (a
+    callback for external solvers), for one unbatched problem."""
+
+    def __call__(
+        self, Q: jax.Array, q: jax.Array, A: jax.Array, b: jax.Array, G: jax.Array, h: jax.Array
+    ) -> tuple[jax.Array, jax.Array, jax.Array, QPInfo]: ...
+
+
+def qp_residuals(
+    data: QPData, x: jax.Array, nu: jax.Array, lam: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(primal, dual, gap)`` of :class:`QPInfo` at ``(x, ν, λ)``."""
+    Q, q, A, b, G, h = data
+    dual = jnp.max(jnp.abs(Q @ x + q + A.T @ nu + G.T @ lam), initial=0.0)
+    primal = jnp.maximum(jnp.max(jnp.abs(A @ x - b), initial=0.0), jnp.max(G @ x - h, initial=0.0))
+    slack = jnp.maximum(h - G @ x, 0.0)
+    gap = jnp.sum(slack * lam) / max(h.size, 1)
+    return primal, jnp.maximum(dual, 0.0), gap
