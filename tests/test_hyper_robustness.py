@@ -77,9 +77,9 @@ def test_sparse_float32_and_dense_inputs_give_the_same_fit():
 
 
 def test_large_sparse_input_is_refused_with_a_clear_message(monkeypatch):
-    from dargmin.hyper import _estimators
+    from dargmin.hyper import _estimator_base
 
-    monkeypatch.setattr(_estimators, "SPARSE_DENSIFY_MAX", 100)
+    monkeypatch.setattr(_estimator_base, "SPARSE_DENSIFY_MAX", 100)
     X = scipy.sparse.random(30, 10, density=0.3, random_state=0, format="csr")
     with pytest.raises(ValueError, match="SPARSE_DENSIFY_MAX"):
         LassoHyperCV(cv=3).fit(X, np.arange(30.0))

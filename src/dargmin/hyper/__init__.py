@@ -7,10 +7,11 @@ where ``ŵ(θ) = argmin_w F(w, θ)`` is a (possibly non-smooth, ℓ1-penalized) 
 ICML 2020 / JMLR 2022) or by forward/reverse differentiation of the inner solver.
 
 A call flows one way through the modules: the problem (``_datafits``, ``_problems``) →
-the inner solve (``_inner_solvers``, ``_sklearn_ridge_solvers``) → the derivative
+the inner solve (``_inner_solvers``, ``_sklearn_ridge_solvers``, ``_split_lbfgsb``) → the derivative
 (``_hypergradients``, ``_unrolled``; one evaluation in ``_evaluation``) → the criterion
 (``_criteria``, ``_dof``, ``_risk``) → the outer loop (``_optimizers``, ``_outer``) → the
-estimators (``_estimators``, ``_classifier``). Strategies are objects
+estimators (``_estimator_base``: shared parameters and fit; ``_estimator_docs``: shared
+docstring sections; ``_estimators``, ``_classifier``: the models). Strategies are objects
 (:class:`ImplicitSupport`, :class:`ProxCD`, :class:`ProjectedGradientDescent`...); the
 historical strings (``method="implicit"``, ``solver="cd"``, ``optimizer="lbfgs"``...) are
 mapped to them by :data:`REGISTRY`.
@@ -81,6 +82,7 @@ from dargmin.hyper._problems import (
 from dargmin.hyper._registry import REGISTRY, resolve
 from dargmin.hyper._risk import SURE, SureResult
 from dargmin.hyper._sklearn_ridge_solvers import RidgeDirect, SklearnSolver, default_solver
+from dargmin.hyper._split_lbfgsb import SplitLBFGSB
 from dargmin.hyper._unrolled import Unrolled
 
 
@@ -161,6 +163,7 @@ __all__ = [
     "RidgeHyperCV",
     "SklearnSolver",
     "SparseLogisticHyperCV",
+    "SplitLBFGSB",
     "SureResult",
     "Unrolled",
     "WeightedLassoHyperCV",

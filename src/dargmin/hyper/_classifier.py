@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 from sklearn.base import ClassifierMixin, _fit_context
 from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import check_is_fitted
 
 from dargmin.hyper._criteria import HeldOutLogistic
-from dargmin.hyper._estimators import _BASE_CONSTRAINTS, _dense, _HyperCVBase
+from dargmin.hyper._estimator_base import _HyperCVBase
+from dargmin.hyper._estimator_docs import document
 from dargmin.hyper._problems import sparse_logistic
 
 
-class SparseLogisticHyperCV(ClassifierMixin, _HyperCVBase):
+@document(
     """Binary ℓ1 logistic regression with ``alpha`` tuned on the cross-validated log-loss.
 
     Objective: ``(1/n)Σ log(1 + e^{−yᵢ(xᵢᵀw + b)}) + alpha‖w‖₁`` with labels mapped to
@@ -24,31 +25,8 @@ class SparseLogisticHyperCV(ClassifierMixin, _HyperCVBase):
     averaged by :class:`~dargmin.hyper.CrossVal`), is minimized over ``log alpha`` with
     hypergradients, and the model is then refit on all the data. Folds are stratified when
     ``cv`` is an int and every class has at least ``cv`` samples.
-
-    Parameters
-    ----------
-    cv : int or cross-validation splitter, default=5
-        Folds of the cross-validation criterion (mean held-out loss over folds).
-    method : str or HypergradientMethod, default="implicit"
-        Hypergradient method (:func:`dargmin.hyper.hypergradient`): an object such as
-        ``ImplicitSupport()`` or a name ("implicit", "implicit_forward", "forward", "reverse").
-    optimizer : "gd", "lbfgs", an optimizer object or an optax optimizer, default="gd"
-        Outer optimizer (:func:`dargmin.hyper.minimize_hyper`).
-    solver : str or solver object, default="auto"
-        Inner solver: "auto", "cd", "fista", "sklearn" or an instance.
-    max_iter : int, default=30
-        Maximal number of outer iterations.
-    fit_intercept : bool, default=True
-        Fit an unpenalized intercept.
-    verbose : bool, default=False
-        Show a tqdm progress bar.
-    n_path : int, default=10
-        Points of the coarse warm-started path (from ``alpha_max`` down four decades)
-        evaluated before the descent, which starts at the best of them: CV curves often
-        have several local minima. 0 starts from ``alpha_max/10`` instead.
-
-    Attributes
-    ----------
+    """,
+    attributes="""
     alpha_ : float
         Selected regularization strength.
     C_ : float
@@ -59,56 +37,21 @@ class SparseLogisticHyperCV(ClassifierMixin, _HyperCVBase):
         Coefficients refit on all the data at the selected hyperparameters.
     intercept_ : ndarray of shape (1,)
         Intercept of the refit (0 when ``fit_intercept=False``).
-    log_theta_ : ndarray of shape (1,)
-        Selected ``log alpha``.
-    path_ : dargmin.hyper.Monitor
-        Every evaluation of the outer search (time, log θ, CV loss, gradient norm).
-    n_iter_ : int
-        Outer iterations.
-    n_evals_ : int
-        Criterion evaluations (each solves ``cv`` inner problems).
-    cv_score_ : float
-        Mean CV log-loss at the selected hyperparameters.
-    n_features_in_ : int
-        Number of features seen by :meth:`fit`.
-
-    See Also
-    --------
+    """,
+    see_also="""
     LassoHyperCV : The regression counterpart.
     dargmin.hyper.sparse_logistic : The inner problem.
-
-    Examples
-    --------
+    """,
+    examples="""
     >>> from sklearn.datasets import make_classification
     >>> X, y = make_classification(80, 10, n_informative=3, class_sep=2.0, random_state=0)
     >>> est = SparseLogisticHyperCV(cv=3, max_iter=10).fit(X, y)
     >>> est.alpha_ > 0, est.score(X, y) > 0.85
     (True, True)
-    """
-
+    """,
+)
+class SparseLogisticHyperCV(ClassifierMixin, _HyperCVBase):
     _criterion = HeldOutLogistic
-    _parameter_constraints: ClassVar[dict] = _BASE_CONSTRAINTS
-
-    def __init__(
-        self,
-        *,
-        cv: Any = 5,
-        method: str = "implicit",
-        optimizer: Any = "gd",
-        solver: Any = "auto",
-        max_iter: int = 30,
-        fit_intercept: bool = True,
-        verbose: bool = False,
-        n_path: int = 10,
-    ):
-        self.cv = cv
-        self.method = method
-        self.optimizer = optimizer
-        self.solver = solver
-        self.max_iter = max_iter
-        self.fit_intercept = fit_intercept
-        self.verbose = verbose
-        self.n_path = n_path
 
     def _make_problem(self, X, y):
         return sparse_logistic(X, y, fit_intercept=self.fit_intercept)
@@ -142,10 +85,7 @@ class SparseLogisticHyperCV(ClassifierMixin, _HyperCVBase):
         -------
         self
         """
-        X, y = validate_data(
-            self, X, y, ensure_min_samples=2, dtype=np.float64, accept_sparse=["csr", "csc", "coo"]
-        )
-        X = _dense(X)
+        X, y = self._validate(X, y)
         check_classification_targets(y)
         self.classes_ = np.unique(y)
         if self.classes_.size != 2:
@@ -165,9 +105,7 @@ class SparseLogisticHyperCV(ClassifierMixin, _HyperCVBase):
 
     def decision_function(self, X: Any) -> np.ndarray:
         """Signed distance ``X coef_ᵀ + intercept_`` (positive: ``classes_[1]``)."""
-        check_is_fitted(self, "coef_")
-        X = validate_data(self, X, reset=False, accept_sparse=True, dtype=np.float64)
-        return np.asarray(X @ self.coef_[0]).reshape(-1) + self.intercept_[0]
+        return self._decision(X)
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """Class probabilities, columns ordered as ``classes_``."""
@@ -176,5 +114,5 @@ class SparseLogisticHyperCV(ClassifierMixin, _HyperCVBase):
 
     def predict(self, X: Any) -> np.ndarray:
         """Predicted class labels."""
-        check_is_fitted(self, "coef_")
+        check_is_fitted(self, "coef_")  # before self.classes_ is read
         return self.classes_[(self.decision_function(X) > 0).astype(int)]

@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.special
 
 Array = Any
 
@@ -55,6 +56,21 @@ class Datafit:
         # the all-ones vector returns exactly its diagonal.
         return jax.jvp(lambda zz: self.grad(zz, y), (z,), (jnp.ones_like(z),))[1]
 
+    # Host (NumPy) versions for the outer loop's per-fold bookkeeping (KKT checks, support
+    # Hessians): eager JAX dispatch cost more than the arithmetic there. Subclasses with a
+    # closed form override them; the default evaluates the JAX definitions.
+    def value_host(self, z: np.ndarray, y: np.ndarray) -> float:
+        """:meth:`value` as a float."""
+        return float(self.value(jnp.asarray(z), jnp.asarray(y)))
+
+    def grad_host(self, z: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """:meth:`grad` as a NumPy array."""
+        return np.asarray(self.grad(jnp.asarray(z), jnp.asarray(y)))
+
+    def hess_diag_host(self, z: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """:meth:`hess_diag` as a NumPy array."""
+        return np.asarray(self.hess_diag(jnp.asarray(z), jnp.asarray(y)))
+
     def validate_target(self, y: np.ndarray) -> np.ndarray:
         """Check (and possibly recode) the targets; return them as float64."""
         return np.asarray(y, dtype=np.float64)
@@ -82,6 +98,16 @@ class Quadratic(Datafit):
     def hess_diag(self, z: Array, y: Array) -> Array:
         return jnp.full_like(z, 1.0 / z.shape[0])
 
+    def value_host(self, z: np.ndarray, y: np.ndarray) -> float:
+        r = np.asarray(z) - y
+        return 0.5 * float(r @ r) / len(y)
+
+    def grad_host(self, z: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return (np.asarray(z) - y) / len(y)
+
+    def hess_diag_host(self, z: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return np.full(len(y), 1.0 / len(y))
+
     def curvature_bound(self, n: int) -> float:
         return 1.0 / n
 
@@ -106,6 +132,16 @@ class Logistic(Datafit):
     def hess_diag(self, z: Array, y: Array) -> Array:
         s = jax.nn.sigmoid(y * z)
         return s * (1.0 - s) / z.shape[0]
+
+    def value_host(self, z: np.ndarray, y: np.ndarray) -> float:
+        return float(np.mean(np.logaddexp(0.0, -y * np.asarray(z))))
+
+    def grad_host(self, z: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return -y * scipy.special.expit(-y * np.asarray(z)) / len(y)
+
+    def hess_diag_host(self, z: np.ndarray, y: np.ndarray) -> np.ndarray:
+        s = scipy.special.expit(y * np.asarray(z))
+        return s * (1.0 - s) / len(y)
 
     def curvature_bound(self, n: int) -> float:
         return 0.25 / n

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dargmin.hyper._hypergradients import _restricted_hessian, _support, _support_solve
-from dargmin.hyper._problems import HyperProblem, Quadratic
+from dargmin.hyper._problems import HyperProblem, Quadratic, _check_finite
 from dargmin.hyper._registry import resolve
 
 Array = Any
@@ -101,8 +101,7 @@ def _make_probes(n: int, n_probes: int, seed: int, probes: Array | None) -> np.n
                 f"probes must have shape (n_samples,) or (n_samples, K) with n_samples = {n}; "
                 f"got {np.shape(probes)}."
             )
-        if not np.all(np.isfinite(Z)):
-            raise ValueError("probes contain non-finite values.")
+        _check_finite("probes", Z, "pass finite probes or None for Gaussian draws")
         return Z
     if int(n_probes) < 1:
         raise ValueError(f"n_probes must be >= 1, got {n_probes}.")

@@ -67,8 +67,7 @@ def _criterion_grad(criterion, problem: HyperProblem, w: np.ndarray) -> tuple[fl
 
 
 def _penalties_np(problem: HyperProblem, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    l1, l2 = problem.penalties(jnp.asarray(theta))
-    return np.asarray(l1), np.asarray(l2)
+    return problem.penalties_host(theta)
 
 
 def _support(problem: HyperProblem, w: np.ndarray, l1: np.ndarray) -> np.ndarray:
@@ -78,7 +77,7 @@ def _support(problem: HyperProblem, w: np.ndarray, l1: np.ndarray) -> np.ndarray
 
 def _restricted_hessian(problem: HyperProblem, w: np.ndarray, S: np.ndarray, l2: np.ndarray):
     z = problem.design @ w
-    d = np.asarray(problem.datafit.hess_diag(jnp.asarray(z), jnp.asarray(problem.target)))
+    d = problem.datafit.hess_diag_host(z, problem.target)
     XS = problem.design[:, S]
     return XS.T @ (d[:, None] * XS) + np.diag(l2[S]), XS, d
 
@@ -96,7 +95,7 @@ def _bucket(k: int, minimum: int = 8) -> int:
     return max(minimum, 1 << (int(k) - 1).bit_length())
 
 
-def _padded(H: np.ndarray, B: np.ndarray) -> tuple[jax.Array, jax.Array]:
+def _padded(H: np.ndarray, B: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``H`` bordered by ``c·I`` (``c`` its mean diagonal) and ``B`` by zero rows, to a
     bucketed size: the padding block is decoupled, well scaled, and its solution is 0."""
     # Coarse buckets (powers of 4 from 16): each compiled size costs about a second.
@@ -109,7 +108,9 @@ def _padded(H: np.ndarray, B: np.ndarray) -> tuple[jax.Array, jax.Array]:
     Hp[:s, :s] = H
     Bp = np.zeros((sp, B.shape[1]))
     Bp[:s] = B
-    return jnp.asarray(Hp), jnp.asarray(Bp)
+    # NumPy arrays: the jitted solves transfer them directly (jnp.asarray would first run
+    # an eager conversion, about half a millisecond each under load).
+    return Hp, Bp
 
 
 @jax.jit

@@ -240,8 +240,12 @@ class ProjectedGradientDescent:
 
     Examples
     --------
+    The first step from ``θ = 3`` (gradient 4) is capped at ``max_step = 0.5``:
+
     >>> res = minimize_hyper(lambda t: (float((t[0] - 1) ** 2), 2 * (t - 1)), [3.0],
-    ...                      optimizer=ProjectedGradientDescent())
+    ...                      optimizer=ProjectedGradientDescent(), max_step=0.5)
+    >>> [round(float(t[0]), 4) for t in res.monitor.log_thetas[:2]]
+    [3.0, 2.5]
     >>> round(float(res.log_theta[0]), 4)
     1.0
     """
@@ -316,10 +320,12 @@ class LBFGSB:
 
     Examples
     --------
+    A bound that is active at the solution (the unconstrained minimum is ``θ = 1``):
+
     >>> res = minimize_hyper(lambda t: (float((t[0] - 1) ** 2), 2 * (t - 1)), [3.0],
-    ...                      optimizer=LBFGSB())
+    ...                      optimizer=LBFGSB(), bounds=([2.0], [5.0]))
     >>> round(float(res.log_theta[0]), 4)
-    1.0
+    2.0
     """
 
     def minimize(self, evaluate, theta, lo, hi, monitor, opts: Options) -> OuterResult:

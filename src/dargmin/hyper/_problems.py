@@ -38,12 +38,14 @@ Array = Any
 PenaltyMap = Callable[[Array], Array]
 
 
-def _check_finite(name: str, arr: np.ndarray) -> None:
+def _check_finite(
+    name: str, arr: np.ndarray, fix: str = "hyperparameter selection needs finite data"
+) -> None:
     bad = ~np.isfinite(arr)
     if np.any(bad):
         raise ValueError(
             f"{name} contains {int(bad.sum())} non-finite value(s) (NaN or inf) out of "
-            f"{arr.size}; hyperparameter selection needs finite data."
+            f"{arr.size}; {fix}."
         )
 
 
@@ -274,12 +276,26 @@ class HyperProblem(eqx.Module):
             jnp.asarray(log_theta), self.l1, self.l2, self.n_features, self.augmented
         )
 
+    def penalties_host(self, log_theta: Array) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`penalties` as NumPy arrays, kept for the last ``log_theta``: a fold's
+        solver, KKT check and hypergradient all ask at the same point."""
+        t = np.asarray(log_theta, dtype=np.float64).reshape(-1)
+        last = self.cache.get("penalties_host", lambda: None)
+        if last is not None and np.array_equal(last[0], t):
+            return last[1]
+        with jax.enable_x64(True):
+            l1, l2 = self.penalties(jnp.asarray(t))
+            out = (np.asarray(l1), np.asarray(l2))
+        self.cache.set("penalties_host", (t, out))
+        return out
+
     def penalty_vjp(self, log_theta: Array, c_l1: Array, c_l2: Array) -> np.ndarray:
         """``(dλ/dθ)ᵀ c_l1 + (dμ/dθ)ᵀ c_l2`` (compiled once per model type and size)."""
+        # NumPy arguments go to the jitted function as they are (no eager conversions).
         out = _penalty_vjp(
-            jnp.asarray(log_theta),
-            jnp.asarray(c_l1),
-            jnp.asarray(c_l2),
+            np.asarray(log_theta, dtype=np.float64),
+            np.asarray(c_l1, dtype=np.float64),
+            np.asarray(c_l2, dtype=np.float64),
             self.l1,
             self.l2,
             self.n_features,

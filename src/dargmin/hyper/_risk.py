@@ -363,20 +363,28 @@ class SURE(eqx.Module, Criterion):
         return val, -2.0 * (problem.design.T @ r)
 
 
+#: The keyword options of :class:`SURE` besides ``sigma`` and ``df``.
+SURE_OPTIONS = frozenset({"delta", "n_probes", "seed", "probes"})
+
+
+def split_options(
+    options: dict[str, Any], names: frozenset[str]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``options`` split into those named in ``names`` and the others."""
+    picked = {k: v for k, v in options.items() if k in names}
+    return picked, {k: v for k, v in options.items() if k not in names}
+
+
 def _sure(
     problem: HyperProblem,
     log_theta: Array,
     sigma: float,
     *,
     df: str = "exact",
-    delta: float | None = None,
-    n_probes: int = 1,
-    seed: int = 0,
-    probes: Array | None = None,
     method: str = "implicit",
     solver: Any = "auto",
     w0: Array | None = None,
-    **hypergradient_options: Any,
+    **options: Any,
 ) -> SureResult:
     """Value and ``log_theta``-gradient of Stein's unbiased risk estimate.
 
@@ -385,8 +393,10 @@ def _sure(
         \\mathrm{SURE}(\\theta) = \\|y - \\hat\\mu\\|^2 - n\\sigma^2 + 2\\sigma^2\\,\\mathrm{df}
 
     with ``df`` exact, Monte-Carlo or finite-difference (then the gradient is SUGAR); see
-    :class:`SURE` for the parameters and :meth:`SURE.evaluate` for the computation.
-    Deprecated as ``dargmin.hyper.sure``: use ``SURE(sigma, df=...).evaluate(problem, log_theta)``.
+    :class:`SURE` for the parameters (``delta``, ``n_probes``, ``seed``, ``probes`` among
+    ``options``; the other options go to the hypergradient method) and
+    :meth:`SURE.evaluate` for the computation. Deprecated as ``dargmin.hyper.sure``: use
+    ``SURE(sigma, df=...).evaluate(problem, log_theta)``.
 
     Examples
     --------
@@ -398,23 +408,14 @@ def _sure(
     >>> bool(0 < res.df < 5), res.grad.shape
     (True, (1,))
     """
-    crit = SURE(sigma, df, delta=delta, n_probes=n_probes, seed=seed, probes=probes)
-    return crit.evaluate(
+    sure_options, hypergradient_options = split_options(options, SURE_OPTIONS)
+    return SURE(sigma, df, **sure_options).evaluate(
         problem, log_theta, method=method, solver=solver, w0=w0, **hypergradient_options
     )
 
 
 def _sugar_gradient(
-    problem: HyperProblem,
-    log_theta: Array,
-    sigma: float,
-    *,
-    delta: float | None = None,
-    n_probes: int = 1,
-    seed: int = 0,
-    probes: Array | None = None,
-    method: str = "implicit",
-    solver: Any = "auto",
+    problem: HyperProblem, log_theta: Array, sigma: float, **options: Any
 ) -> np.ndarray:
     """SUGAR: the ``log_theta``-gradient of the finite-difference Monte-Carlo SURE.
 
@@ -425,8 +426,8 @@ def _sugar_gradient(
             - \\hat\\mu(y, \\theta),\\, z\\big\\rangle\\Big]
 
     (Deledalle, Vaiter, Fadili & Peyré, 2014): two inner solves and two hypergradients per
-    probe pair, ``≈ (1 + K)`` of each for ``K`` probes. Deprecated as
-    ``dargmin.hyper.sugar_gradient``: use
+    probe pair, ``≈ (1 + K)`` of each for ``K`` probes; ``options`` as in :func:`_sure`.
+    Deprecated as ``dargmin.hyper.sugar_gradient``: use
     ``SURE(sigma, "finite_difference", ...).evaluate(problem, log_theta).grad``.
 
     Examples
@@ -438,7 +439,4 @@ def _sugar_gradient(
     >>> _sugar_gradient(lasso(X, y), [np.log(0.05)], sigma=0.5).shape
     (1,)
     """
-    crit = SURE(
-        sigma, "finite_difference", delta=delta, n_probes=n_probes, seed=seed, probes=probes
-    )
-    return crit.evaluate(problem, log_theta, method=method, solver=solver).grad
+    return _sure(problem, log_theta, sigma, df="finite_difference", **options).grad
