@@ -22,7 +22,7 @@ from dargmin.errors import (
     refusal_from_callback,
 )
 
-__all__ = ["member_problems", "report_implicit_check"]
+__all__ = ["member_problems", "refuse_or_warn", "report_implicit_check"]
 
 
 def member_problems(
@@ -157,17 +157,35 @@ def report_implicit_check(
         )
         if found:
             failing.append((i, found))
+    return refuse_or_warn(failing, passed, kind=kind, mode=mode)
+
+
+Problems = list[tuple[type[DargminError], str, str]]
+
+
+def refuse_or_warn(
+    failing: list[tuple[int, Problems]], passed: np.ndarray, *, kind: str, mode: str
+) -> np.ndarray:
+    """The end of every host-side verdict (implicit and KKT checks): raise (or warn about)
+    the first failing member's problems, naming the other failing members of the batch.
+
+    ``failing`` holds ``(flat member index, problems)`` per failing member, in order;
+    ``passed`` is the zeros of the batch shape returned when nothing fails or in
+    ``mode="warn"``. In a process with several devices a refusal is a warning and NaN
+    (see :func:`dargmin.errors.refusal_from_callback`): never a silent number.
+    """
     if not failing:
         return passed
+    batch_shape = passed.shape
     problems = failing[0][1]
     where = ""
     if batch_shape:
-        bad = [np.unravel_index(i, batch_shape) for i, _ in failing]
-        named = ", ".join(str(tuple(int(j) for j in b)) for b in bad[:10])
+        bad = [tuple(int(j) for j in np.unravel_index(i, batch_shape)) for i, _ in failing]
+        named = ", ".join(str(b) for b in bad[:10])
         where = (
             f" (batch member{'s' if len(bad) > 1 else ''} {named}"
             f"{' …' if len(bad) > 10 else ''} of a batch of shape {tuple(batch_shape)}; "
-            f"numbers below are member {tuple(int(j) for j in bad[0])}'s)"
+            f"numbers below are member {bad[0]}'s)"
         )
     message = (
         f"dargmin.{kind}: cannot differentiate the solution{where}: "
@@ -178,5 +196,5 @@ def report_implicit_check(
         error = problems[0][0](message)
         error.reason = problems[0][1]
         return refusal_from_callback(error, batch_shape, passed.dtype)
-    warnings.warn(message, DargminWarning, stacklevel=2)
+    warnings.warn(message, DargminWarning, stacklevel=3)
     return passed

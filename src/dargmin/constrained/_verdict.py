@@ -8,7 +8,6 @@ batch member may fail, so the check costs one device-side reduction on a good ba
 from __future__ import annotations
 
 import functools
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -26,12 +25,8 @@ from dargmin.constrained._settings import (
     InfeasibleSolutionError,
     KKTSettings,
 )
-from dargmin.errors import (
-    DargminError,
-    DargminWarning,
-    NonStationaryPointError,
-    refusal_from_callback,
-)
+from dargmin.errors import DargminError, NonStationaryPointError
+from dargmin.verdict import refuse_or_warn
 
 PyTree = Any
 
@@ -187,31 +182,7 @@ def _judge(
         )
         if found:
             failing.append((i, found))
-    passed = np.zeros(shape, dtype=dtype)
-    if not failing:
-        return passed
-    where = ""
-    if shape:
-        bad = [tuple(int(j) for j in np.unravel_index(i, shape)) for i, _ in failing]
-        named = ", ".join(str(b) for b in bad[:10])
-        where = (
-            f" (batch member{'s' if len(bad) > 1 else ''} {named}{' …' if len(bad) > 10 else ''}"
-            f" of a batch of shape {tuple(shape)}; numbers below are member {bad[0]}'s)"
-        )
-    problems = failing[0][1]
-    message = (
-        f"dargmin.{kind}: cannot differentiate the solution{where}: "
-        + " Also, ".join(text for _, _, text in problems)
-        + f" [reason: {problems[0][1]}]"
-    )
-    if mode == "raise":
-        error = problems[0][0](message)
-        error.reason = problems[0][1]
-        # Raises (one device), or warns and returns NaN (a partitioned program, where a
-        # raise would stall the other devices): never a silent number.
-        return refusal_from_callback(error, shape, passed.dtype)
-    warnings.warn(message, DargminWarning, stacklevel=2)
-    return passed
+    return refuse_or_warn(failing, np.zeros(shape, dtype=dtype), kind=kind, mode=mode)
 
 
 def kkt_report(
