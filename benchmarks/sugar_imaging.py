@@ -20,16 +20,30 @@ Peer: ``skimage.restoration.denoise_tv_chambolle`` at 512² (same objective
 ``½‖y − w‖² + weight·TV(w)``): time and objective at its default tolerance and at a tight
 one, vs our solver stopped by its duality gap at 1e-6 relative.
 
+Cost of one SUGAR evaluation (issue 14: ≤ 4.5× a solve): for denoising and deblurring, one
+solve and one SUGAR evaluation (two solves, each with its θ-tangent), both cold and compiled,
+best of 3; and the cost of one iteration with a θ-tangent against a plain one (fixed
+iteration count, so the two run the same iterations). Measured in CPU time (process time,
+XLA single-threaded): the machine is shared, and CPU time is what other load disturbs least.
+
 Usage: ``python benchmarks/sugar_imaging.py`` (``DARGMIN_FAST=1``: a 64² crop, one image,
-small grids); writes ``benchmarks/results/sugar_imaging.md``.
+small grids); writes ``benchmarks/results/sugar_imaging.md``. ``python
+benchmarks/sugar_imaging.py cost`` runs only the cost rows and prints them (to compare two
+versions of dargmin on one machine).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
+
+# One XLA thread: CPU time then measures the work, not the waiting for busy cores.
+os.environ.setdefault(
+    "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+)
 
 import jax
 
@@ -45,6 +59,7 @@ from dargmin.imaging import (
     ImageSURE,
     TVTikhonov,
     solve,
+    solve_jvp,
     tv_deblurring,
     tv_denoising,
 )
@@ -83,6 +98,53 @@ def timed(f, *a, **k):
     out = f(*a, **k)
     jax.block_until_ready(getattr(out, "w", out))
     return out, time.perf_counter() - t
+
+
+def cpu_timed(f, *a, **k) -> float:
+    """Best of 3 CPU times of ``f(*a, **k)`` (after one call that compiles)."""
+    jax.block_until_ready(getattr(f(*a, **k), "w", None))
+    best = np.inf
+    for _ in range(3):
+        t = time.process_time()
+        jax.block_until_ready(getattr(f(*a, **k), "w", None))
+        best = min(best, time.process_time() - t)
+    return best
+
+
+def cost_row(label, prob, y, sigma, theta, cfg):
+    """One SUGAR evaluation / one solve (cold), and one tangent iteration / one plain one."""
+    cold = ImageSURE(prob, y, sigma, solver=cfg, warm_start=False)
+    t_solve = cpu_timed(solve, prob, y, theta, solver=cfg)
+    t_sugar = cpu_timed(cold.sugar, [theta])
+    n_it = int(solve(prob, y, theta, solver=cfg).n_iter)
+    fixed = ChambollePock(tol=0.0, max_iter=1000)  # the same 1000 iterations in both
+    t_plain = cpu_timed(solve, prob, y, theta, solver=fixed)
+    t_tangent = cpu_timed(solve_jvp, prob, y, theta, solver=fixed)
+    return {
+        "case": label,
+        "n_iter": n_it,
+        "solve_s": t_solve,
+        "sugar_s": t_sugar,
+        "ratio": t_sugar / t_solve,
+        "step_ratio": t_tangent / t_plain,
+    }
+
+
+def cost_rows(size, blur_size, rng):
+    """At the sizes and configurations of the tables below (denoising 256², deblurring 128²)."""
+    x = load("camera", size)
+    cfg = ChambollePock(tol=1e-6, max_iter=20000)
+    rows = [cost_row(f"denoising {size}², σ=0.1", tv_denoising(),
+                     x + 0.1 * rng.normal(size=x.shape), 0.1, 0.08, cfg)]  # fmt: skip
+    x = load("camera", blur_size)
+    blur = FFTBlur.gaussian(x.shape, 1.5)
+    yb = np.asarray(blur.apply(x)) + 0.02 * rng.normal(size=x.shape)
+    blur_cfg = ChambollePock(tol=1e-5, max_iter=20000)
+    rows.append(cost_row(f"deblurring {blur_size}², 1.5 px, σ=0.02", tv_deblurring(blur), yb,
+                         0.02, 0.0022, blur_cfg))  # fmt: skip
+    for r in rows:
+        print(r, flush=True)
+    return rows
 
 
 def oracle(prob, x, y, thetas, cfg):
@@ -173,6 +235,9 @@ def skimage_row(x, sigma, rng, weight=0.1):
 def main() -> None:
     rng = np.random.default_rng(2024)
     size = 64 if FAST else 256
+    costs = cost_rows(64 if FAST else 256, 64 if FAST else 128, np.random.default_rng(7))
+    if sys.argv[1:] == ["cost"]:
+        return
     cfg = ChambollePock(tol=1e-6, max_iter=20000)
     cases = [("camera", 0.1)] if FAST else [
         ("camera", 0.05), ("camera", 0.1), ("astronaut", 0.1),
@@ -208,6 +273,21 @@ def main() -> None:
             f"{r['sugar'][0]:.2f} / {r['sugar'][1]:.3f} | {r['sugar'][0] - r['oracle'][0]:+.3f} "
             f"| {r['sugar_cost']:.2f}× | {r['tune_s']:.1f} ({r['n_evals']}) | "
             f"{r['grid_s']:.1f} | {r['tune_s'] / r['grid_s']:.2f} |"
+        )
+    lines += [
+        "",
+        "## Cost of one SUGAR evaluation (cold, compiled; CPU time, best of 3)",
+        "",
+        "One SUGAR evaluation = two solves (at y and y + δz), each with its θ-tangent.",
+        "",
+        "| case | iterations | solve s | SUGAR eval s | SUGAR eval / solve | "
+        "tangent iteration / plain iteration |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in costs:
+        lines.append(
+            f"| {c['case']} | {c['n_iter']} | {c['solve_s']:.3f} | {c['sugar_s']:.3f} | "
+            f"{c['ratio']:.2f}× | {c['step_ratio']:.2f}× |"
         )
     lines += [
         "",

@@ -15,33 +15,18 @@ Run: ``python examples/tv_deblurring_sugar.py`` (a few minutes on 2 CPU cores;
 ``DARGMIN_FAST=1``: a 32² crop, a few seconds). Needs scikit-image and matplotlib.
 """
 
-import os
 import warnings
-from pathlib import Path
 
-import jax
-
-jax.config.update("jax_enable_x64", True)
-
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-import matplotlib.ticker
 import numpy as np
-from skimage import data, img_as_float
 from skimage.metrics import peak_signal_noise_ratio
+from tv_sugar_common import FAST, camera, save_figure  # float64, Agg, the output folder
 
 from dargmin.errors import DargminWarning
 from dargmin.imaging import ChambollePock, FFTBlur, ImageSURE, solve, tv_deblurring
 
-FAST = os.environ.get("DARGMIN_FAST") == "1"
-OUT = Path(os.environ.get("DARGMIN_OUTPUT_DIR", "."))
 warnings.simplefilter("ignore", DargminWarning)  # a capped solve says so; the fast mode caps
 
-x = img_as_float(data.camera()).reshape(256, 2, 256, 2).mean(axis=(1, 3))
-if FAST:
-    x = x[88:120, 108:140]
+x = camera()  # 256² (fast mode: a 32² crop)
 sigma, width = 0.02, 1.5
 blur = FFTBlur.gaussian(x.shape, width)
 y = np.asarray(blur.apply(x)) + sigma * np.random.default_rng(1).normal(size=x.shape)
@@ -68,26 +53,12 @@ print(f"blurred+noisy : PSNR {psnr(y):.2f} dB")
 print(f"SUGAR θ*      : PSNR {psnr(res.w):.2f} dB")
 print(f"grid oracle θ={grid[i_or]:.4f}: PSNR {10 * np.log10(1 / mse[i_or]):.2f} dB")
 
-fig, ax = plt.subplots(1, 4, figsize=(16, 4))
-for a, img, title in zip(
-    ax[:3],
-    (x, y, res.w),
-    ("original", f"blurred + noisy ({psnr(y):.1f} dB)",
-     f"TV at θ* = {res.theta[0]:.3f} ({psnr(res.w):.1f} dB)"),
-    strict=True,
-):  # fmt: skip
-    a.imshow(np.clip(np.asarray(img), 0, 1), cmap="gray", vmin=0, vmax=1)
-    a.set_title(title)
-    a.axis("off")
-ax[3].loglog(grid, sure_vals, "o-", label="SURE / n (from y)")
-ax[3].loglog(grid, pred_risk, "s-", label="true prediction risk / n")
-ax[3].loglog(grid, mse, "^-", label="true MSE of ŵ")
-ax[3].axvline(res.theta[0], color="k", ls="--", label="θ* (SUGAR + BFGS)")
-ax[3].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # no label clutter
-ax[3].set_xlabel("θ")
-ax[3].legend(fontsize=8)
-ax[3].set_title("risk estimate vs true risk")
-fig.tight_layout()
-OUT.mkdir(parents=True, exist_ok=True)
-fig.savefig(OUT / "tv_deblurring_sugar.png", dpi=80)
-print(f"wrote {OUT / 'tv_deblurring_sugar.png'}")
+save_figure(
+    "tv_deblurring_sugar.png",
+    [(x, "original"), (y, f"blurred + noisy ({psnr(y):.1f} dB)"),
+     (res.w, f"TV at θ* = {res.theta[0]:.3f} ({psnr(res.w):.1f} dB)")],
+    [(grid, sure_vals, "o-", "SURE / n (from y)"),
+     (grid, pred_risk, "s-", "true prediction risk / n"), (grid, mse, "^-", "true MSE of ŵ")],
+    res.theta[0],
+    log_y=True,
+)  # fmt: skip

@@ -16,33 +16,16 @@ Run: ``python examples/tv_denoising_sugar.py`` (about a minute on 2 CPU cores;
 ``DARGMIN_FAST=1``: a 32² crop, a few seconds). Needs scikit-image and matplotlib.
 """
 
-import os
 import warnings
-from pathlib import Path
 
-import jax
-
-jax.config.update("jax_enable_x64", True)
-
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-import matplotlib.ticker
 import numpy as np
-from skimage import data, img_as_float
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+from tv_sugar_common import FAST, camera, save_figure  # float64, Agg, the output folder
 
 from dargmin.errors import DargminWarning
 from dargmin.imaging import ChambollePock, ImageSURE, solve, tv_denoising
 
-FAST = os.environ.get("DARGMIN_FAST") == "1"
-OUT = Path(os.environ.get("DARGMIN_OUTPUT_DIR", "."))
-
-x = img_as_float(data.camera())
-x = x.reshape(256, 2, 256, 2).mean(axis=(1, 3))  # 256² by block means
-if FAST:
-    x = x[88:120, 108:140]  # a 32² crop with edges and texture
+x = camera()  # 256² (fast mode: a 32² crop)
 sigma = 0.1
 y = x + sigma * np.random.default_rng(1).normal(size=x.shape)
 
@@ -82,25 +65,10 @@ print(f"SUGAR θ*      : PSNR {quality(res.w)[0]:.2f} dB, SSIM {quality(res.w)[1
 print(f"grid oracle θ={grid[i_or]:.4f}: true MSE {true_vals[i_or]:.3e} (SURE at θ*: "
       f"{res.value / y.size:.3e})")  # fmt: skip
 
-fig, ax = plt.subplots(1, 4, figsize=(16, 4))
-for a, img, title in zip(
-    ax[:3],
-    (x, y, res.w),
-    ("original", f"noisy (σ = {sigma}, {quality(y)[0]:.1f} dB)",
-     f"TV at θ* = {res.theta[0]:.3f} ({quality(res.w)[0]:.1f} dB)"),
-    strict=True,
-):  # fmt: skip
-    a.imshow(np.clip(np.asarray(img), 0, 1), cmap="gray", vmin=0, vmax=1)
-    a.set_title(title)
-    a.axis("off")
-ax[3].semilogx(grid, sure_vals, "o-", label="SURE / n (from y)")
-ax[3].semilogx(grid, true_vals, "s-", label="true MSE")
-ax[3].axvline(res.theta[0], color="k", ls="--", label="θ* (SUGAR + BFGS)")
-ax[3].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # no label clutter
-ax[3].set_xlabel("θ")
-ax[3].legend()
-ax[3].set_title("risk estimate vs true risk")
-fig.tight_layout()
-OUT.mkdir(parents=True, exist_ok=True)
-fig.savefig(OUT / "tv_denoising_sugar.png", dpi=80)
-print(f"wrote {OUT / 'tv_denoising_sugar.png'}")
+save_figure(
+    "tv_denoising_sugar.png",
+    [(x, "original"), (y, f"noisy (σ = {sigma}, {quality(y)[0]:.1f} dB)"),
+     (res.w, f"TV at θ* = {res.theta[0]:.3f} ({quality(res.w)[0]:.1f} dB)")],
+    [(grid, sure_vals, "o-", "SURE / n (from y)"), (grid, true_vals, "s-", "true MSE")],
+    res.theta[0],
+)  # fmt: skip

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
+from dargmin.imaging._checks import refusal
+
 
 # ----------------------------------------------------------------------------- forward Φ
 class ForwardOperator(eqx.Module):
@@ -28,6 +30,11 @@ class ForwardOperator(eqx.Module):
     def prox_data(self, v: Array, tau: Array, y: Array) -> Array:
         """``argmin_w ½‖y − Φw‖² + ‖w − v‖²/(2τ) = (I + τΦᵀΦ)⁻¹(v + τΦᵀy)``."""
 
+    def prox_data_tangent(self, v_dot: Array, tau: Array, y_dot: Array | None) -> Array:
+        """The derivative of :meth:`prox_data` along ``(v̇, ẏ)``: ``prox_data(v̇, τ, ẏ)``, as
+        it is linear in ``(v, y)`` (``ẏ = None``: zero, which saves its transform)."""
+        return self.prox_data(v_dot, tau, jnp.zeros_like(v_dot) if y_dot is None else y_dot)
+
     @abc.abstractmethod
     def conj_data(self, v: Array, y: Array) -> Array:
         """``G*(v) = sup_w ⟨v, w⟩ − ½‖y − Φw‖² = ⟨u, y⟩ + ½‖u‖²`` with ``Φᵀu = v``."""
@@ -36,6 +43,10 @@ class ForwardOperator(eqx.Module):
     def strong_convexity(self) -> float:
         """A lower bound on the smallest eigenvalue of ``ΦᵀΦ`` (0: no acceleration)."""
         return 0.0
+
+    def check_shape(self, shape: tuple[int, ...]) -> None:
+        """Refuse (``[reason: bad_shape]``) an observation ``y`` of a shape ``Φ`` cannot
+        produce; any shape by default."""
 
 
 class Identity(ForwardOperator):
@@ -53,6 +64,9 @@ class Identity(ForwardOperator):
 
     def prox_data(self, v: Array, tau: Array, y: Array) -> Array:
         return (v + tau * y) / (1.0 + tau)
+
+    def prox_data_tangent(self, v_dot: Array, tau: Array, y_dot: Array | None) -> Array:
+        return v_dot / (1.0 + tau) if y_dot is None else self.prox_data(v_dot, tau, y_dot)
 
     def conj_data(self, v: Array, y: Array) -> Array:
         return jnp.vdot(v, y) + 0.5 * jnp.vdot(v, v)
@@ -109,6 +123,13 @@ class FFTBlur(ForwardOperator):
         k = np.exp(-(di**2 + dj**2) / (2.0 * width**2))
         return cls.from_kernel(jnp.asarray(k / k.sum()))
 
+    def check_shape(self, shape: tuple[int, ...]) -> None:
+        if tuple(shape) != self.shape:
+            raise refusal(
+                "bad_shape",
+                f"y has shape {tuple(shape)} but the blur was built for {self.shape}.",
+            )
+
     def _filter(self, w: Array, h: Array) -> Array:
         return jnp.fft.irfft2(h * jnp.fft.rfft2(w), s=self.shape)
 
@@ -123,6 +144,11 @@ class FFTBlur(ForwardOperator):
         h = self.transfer
         num = jnp.fft.rfft2(v) + tau * jnp.conj(h) * jnp.fft.rfft2(y)
         return jnp.fft.irfft2(num / (1.0 + tau * jnp.abs(h) ** 2), s=self.shape)
+
+    def prox_data_tangent(self, v_dot: Array, tau: Array, y_dot: Array | None) -> Array:
+        if y_dot is not None:
+            return self.prox_data(v_dot, tau, y_dot)
+        return self._filter(v_dot, 1.0 / (1.0 + tau * jnp.abs(self.transfer) ** 2))
 
     def conj_data(self, v: Array, y: Array) -> Array:
         # u = Φ⁻ᵀv in the Fourier basis; finite whenever φ̂ has no zero (a Gaussian blur).
@@ -145,6 +171,10 @@ class AnalysisOperator(eqx.Module):
     @abc.abstractmethod
     def norm(self) -> float:
         """An upper bound on the operator norm ``‖D‖`` (sets the step sizes)."""
+
+    @abc.abstractmethod
+    def check_shape(self, shape: tuple[int, ...]) -> None:
+        """Refuse (``[reason: bad_shape]``) a signal shape ``D`` does not act on."""
 
 
 class Gradient2D(AnalysisOperator):
@@ -173,6 +203,16 @@ class Gradient2D(AnalysisOperator):
 
     def norm(self) -> float:
         return float(np.sqrt(8.0))
+
+    def check_shape(self, shape: tuple[int, ...]) -> None:
+        if len(shape) != 2:
+            raise refusal(
+                "bad_shape",
+                f"Total variation needs a 2-D grey image y of shape (H, W); got shape "
+                f"{tuple(shape)}. Convert colour images to grey (or solve per channel).",
+            )
+        if min(shape) < 2:
+            raise refusal("bad_shape", f"The image must be at least 2 × 2, got shape {shape}.")
 
 
 class MatrixAnalysis(AnalysisOperator):
@@ -206,3 +246,12 @@ class MatrixAnalysis(AnalysisOperator):
 
     def norm(self) -> float:
         return self._norm
+
+    def check_shape(self, shape: tuple[int, ...]) -> None:
+        n = self.matrix.shape[1]
+        if tuple(shape) != (n,):
+            raise refusal(
+                "bad_shape",
+                f"y must have shape ({n},) to match D of shape {tuple(self.matrix.shape)}; "
+                f"got {tuple(shape)}.",
+            )

@@ -44,13 +44,8 @@ import numpy as np
 import scipy.optimize
 
 from dargmin.hyper import default_delta
-from dargmin.imaging._solver import (
-    ChambollePock,
-    PDResult,
-    RestorationProblem,
-    solve,
-    solve_jvp,
-)
+from dargmin.imaging._problem import RestorationProblem
+from dargmin.imaging._solver import ChambollePock, PDResult, solve, solve_jvp
 
 
 class SureValue(NamedTuple):
