@@ -19,7 +19,8 @@
 * :mod:`dargmin.imaging` — total-variation denoising and deblurring (Chambolle–Pock with a
   duality-gap certificate), their derivatives, and parameters tuned by SURE/SUGAR.
 * :mod:`dargmin.influence` — influence at network scale: inverse-Hessian-vector products by
-  Lanczos (Arnoldi), LiSSA and (E)K-FAC over data loaders, SLQ spectra, influence scores.
+  Lanczos (Arnoldi), LiSSA, (E)K-FAC for dense and convolutional layers and
+  EK-FAC-preconditioned CG over data loaders, SLQ spectra, influence scores.
 * :mod:`dargmin.torch` — the same decorators, derivatives and checks for PyTorch models
   (extra ``[torch]``; imported explicitly: ``import dargmin.torch``).
 * :mod:`dargmin.derivatives`, :mod:`dargmin.curvature`, :mod:`dargmin.finite_differences` —

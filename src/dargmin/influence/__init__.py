@@ -18,8 +18,11 @@ exactly this damping), from curvature-vector products accumulated over the loade
 * :class:`ExactInverse` — dense Cholesky, the reference for small models;
 * :class:`Arnoldi` — top-k eigenpairs by Lanczos, low-rank inverse (Schioppa et al., 2022);
 * :class:`LiSSA` — stochastic Neumann series (Agarwal et al., 2017);
-* :class:`EKFAC` / :func:`KFAC` — Kronecker factors of the dense layers of an equinox
-  model, eigenvalue-corrected (George et al., 2018; Grosse et al., 2023).
+* :class:`EKFAC` / :func:`KFAC` — Kronecker factors of the dense and convolutional
+  layers of an equinox model, eigenvalue-corrected (George et al., 2018; Grosse & Martens,
+  2016 for convolutions);
+* :class:`PreconditionedCG` — conjugate gradients on the exact curvature, preconditioned
+  by one of the above (EK-FAC): a few passes over the data remove its approximation error.
 
 :func:`influence_scores` turns a fitted inverse into the train × query matrix
 :math:`-\\nabla f_j^\\top (C+\\lambda I)^{-1} \\nabla \\ell_i`, streaming the training set;
@@ -50,6 +53,7 @@ from dargmin.influence._inverse import (
 )
 from dargmin.influence._kfac import EKFAC, KFAC, KroneckerInverseCurvature
 from dargmin.influence._problem import GaussNewton, Hessian, Loader
+from dargmin.influence._refine import PreconditionedCG, PreconditionedCGInverseCurvature
 from dargmin.influence._scores import influence_scores
 from dargmin.influence._spectrum import SpectralDensity, spectral_density
 
@@ -67,6 +71,8 @@ __all__ = [
     "LiSSAInverseCurvature",
     "Loader",
     "LowRankInverseCurvature",
+    "PreconditionedCG",
+    "PreconditionedCGInverseCurvature",
     "SpectralDensity",
     "influence_scores",
     "spectral_density",
