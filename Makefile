@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(PY) -m ruff check src tests examples benchmarks conftest.py docs/_ext
 	$(PY) -m ruff format --check src tests examples benchmarks conftest.py docs/_ext
 	$(PY) -m mypy
-	$(PY) -m pytest -n 2 --dist worksteal -q
+	$(PY) -m pytest -n 2 --dist worksteal -q --durations=25
 
 # The documentation site (mkdocs-material + mkdocstrings), built into site/.
 docs: $(STAMP)
