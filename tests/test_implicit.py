@@ -363,7 +363,7 @@ def test_float32_works_with_stated_tolerance():
 # ----------------------------------------------------------------- property tests
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=4, deadline=None)
 @given(
     n=st.integers(min_value=1, max_value=8),
     k=st.integers(min_value=1, max_value=3),

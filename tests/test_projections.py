@@ -22,7 +22,7 @@ from dargmin import projections as P
 from dargmin.finite_differences import jacobian_fd
 
 N = 5
-SETTINGS = settings(max_examples=15, deadline=None, derandomize=True)
+SETTINGS = settings(max_examples=8, deadline=None, derandomize=True)
 points = arrays(np.float64, N, elements=st.floats(-3.0, 3.0, allow_subnormal=False))
 
 
