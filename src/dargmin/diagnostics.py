@@ -182,9 +182,9 @@ def measure(
     nan = jnp.asarray(jnp.nan, dtype)
     solver = newton_system if newton_system is not None else system
     if positive_definite and _runs_conjugate_gradients(solver):
-        # One batched CG run gives the Newton step and a negative-curvature witness: CG on
-        # the residual alone cannot see a saddle at an exactly stationary point (its
-        # right-hand side is zero), so a fixed pseudo-random probe rides along.
+        # CG runs give the Newton step and a negative-curvature witness: CG on the residual
+        # alone cannot see a saddle at an exactly stationary point (its right-hand side is
+        # zero), so a second run on a fixed pseudo-random probe follows.
         newton, failed, witness, quotient_ratio = _newton_step_and_curvature(solver, flat_r)
     else:
         newton, failed = solver.solve_unchecked(_like_input(system, flat_r))
@@ -318,10 +318,9 @@ def _curvature_probe(system: Factorization, flat_r: jax.Array) -> jax.Array:
             operator, (lx.symmetric_tag, lx.positive_semidefinite_tag)
         )
     # Measured at stopped values: the solver runs directly, without lineax's wrapper.
-    value, result, stats = cg.compute(cg.init(operator, {}), _like_input(system, probe), {})
-    sol = lx.Solution(value=value, result=result, stats=stats, state=None)
-    curvature = jnp.asarray(sol.stats["min_curvature"], flat_r.dtype)
-    return _beyond_rounding(curvature, _curvature_scale(sol).astype(flat_r.dtype), probe.size)
+    _, _, stats = cg.compute(cg.init(operator, {}), _like_input(system, probe), {})
+    curvature = jnp.asarray(stats["min_curvature"], flat_r.dtype)
+    return _beyond_rounding(curvature, _curvature_scale(stats).astype(flat_r.dtype), probe.size)
 
 
 def _runs_conjugate_gradients(system: Factorization) -> bool:
@@ -344,17 +343,14 @@ def _newton_step_and_curvature(
     probe = _probe(flat_r.shape, flat_r.dtype, unit=True) * jnp.maximum(residual_norm, 1.0)
 
     def solve(b: jax.Array) -> lx.Solution:
-        solution = system.solve_raw(_like_input(system, b))
-        return lx.Solution(
-            value=solution.value, result=solution.result, stats=solution.stats, state=None
-        )
+        return system.solve_raw(_like_input(system, b))
 
     floor = getattr(system.unchecked_solver()[0], "atol", 0.0)
 
     def skip_solve(b: jax.Array) -> lx.Solution:
         # What CG returns for a right-hand side below its absolute floor (the zero step,
         # no iteration), without setting up its loop: at a converged point this is the
-        # usual case, and at 100 unknowns the loop's fixed cost is a tenth of the check.
+        # usual case.
         stats = {
             "num_steps": jnp.array(0, jnp.int32),
             "min_curvature": jnp.array(jnp.inf, b.dtype),
@@ -372,7 +368,7 @@ def _newton_step_and_curvature(
     newton = jax.lax.cond(below_floor, skip_solve, solve, flat_r)
     probed = solve(probe)
     curvature = jnp.minimum(newton.stats["min_curvature"], probed.stats["min_curvature"])
-    scale = _curvature_scale(probed)
+    scale = _curvature_scale(probed.stats)
     largest = jnp.maximum(newton.stats["max_curvature"], scale).astype(flat_r.dtype)
     smallest = curvature.astype(flat_r.dtype)
     # NaN (unmeasured, never a trigger) unless the smallest quotient is positive: a
@@ -386,10 +382,11 @@ def _newton_step_and_curvature(
     )
 
 
-def _curvature_scale(solution: lx.Solution) -> jax.Array:
-    """The operator's scale seen by a CG run: its largest Rayleigh quotient (no extra
-    product; on a breakdown at the first step, the magnitude of the one quotient met)."""
-    return jnp.maximum(solution.stats["max_curvature"], jnp.abs(solution.stats["min_curvature"]))
+def _curvature_scale(stats: dict[str, jax.Array]) -> jax.Array:
+    """The operator's scale seen by a CG run (its ``stats``): its largest Rayleigh quotient
+    (no extra product; on a breakdown at the first step, the magnitude of the one quotient
+    met)."""
+    return jnp.maximum(stats["max_curvature"], jnp.abs(stats["min_curvature"]))
 
 
 def judge(
