@@ -41,6 +41,7 @@ from jax.flatten_util import ravel_pytree
 
 from dargmin import diagnostics
 from dargmin.diagnostics import Check, CheckMode
+from dargmin.implicit_inputs import flat_size, validate_shapes, validate_solver_output
 from dargmin.linear_solvers import (
     Auto,
     LinearSolver,
@@ -106,10 +107,6 @@ class ImplicitConfig:
         return cls(symmetric=True, positive_definite=True, kind="argmin", **options)
 
 
-def _flat_size(tree: PyTree) -> int:
-    return sum(int(jnp.size(leaf)) for leaf in jax.tree_util.tree_leaves(tree))
-
-
 def _result_dtype(tree: PyTree) -> jnp.dtype:
     leaves = jax.tree_util.tree_leaves(tree)
     return jnp.result_type(*leaves) if leaves else jnp.dtype(jnp.float32)
@@ -128,7 +125,7 @@ def _implicit_solution_jvp(g, cfg, primals, tangents):
     # Re-entry: under an outer differentiation this ``x`` carries its own (implicit) tangent,
     # which is what makes second and higher derivatives of the solution map exact.
     x = _implicit_solution(g, cfg, x_star, args)
-    size = _flat_size(x)
+    size = flat_size(x)
     strategy = cfg.linear_solver.resolve(
         size, symmetric=cfg.symmetric, positive_definite=cfg.positive_definite
     )
@@ -216,7 +213,7 @@ def implicit_solution(
     """
     cfg = config if config is not None else ImplicitConfig()
     x_star = jax.lax.stop_gradient(x_star)
-    _validate_shapes(optimality_fn, x_star, params, cfg)
+    validate_shapes(optimality_fn, x_star, params, cfg.kind)
     try:
         return _attach_implicit_derivatives(optimality_fn, cfg, x_star, params)
     except (jax.errors.JaxRuntimeError, ValueError) as err:
@@ -295,59 +292,6 @@ def _attach(
 _attach_static = jax.jit(_attach, static_argnums=(0, 1))
 
 
-def _validate_shapes(
-    optimality_fn: Callable[..., PyTree], x: PyTree, params: tuple, cfg: ImplicitConfig
-) -> None:
-    try:
-        out = jax.eval_shape(optimality_fn, x, *params)
-    except TypeError as err:  # wrong arity or non-array outputs
-        raise TypeError(
-            f"Calling the {cfg.kind} optimality function as fn(x, *params) with "
-            f"{len(params)} parameter argument(s) failed: {err}"
-        ) from err
-    x_struct = jax.tree_util.tree_structure(x)
-    x_shapes = [jnp.shape(leaf) for leaf in jax.tree_util.tree_leaves(x)]
-    out_shapes = [leaf.shape for leaf in jax.tree_util.tree_leaves(out)]
-    if jax.tree_util.tree_structure(out) != x_struct or out_shapes != x_shapes:
-        raise ValueError(
-            f"The {cfg.kind} optimality function must return a pytree with the structure and "
-            f"shapes of x (a square system); x has leaves of shapes {x_shapes}, the function "
-            f"returned {jax.tree_util.tree_structure(out)} with shapes {out_shapes}."
-        )
-    if _flat_size(x) == 0:
-        raise ValueError(
-            f"The {cfg.kind} solution x has no entries (leaves of shapes {x_shapes}): there is "
-            "nothing to differentiate. Check the solver's output."
-        )
-    for leaf in jax.tree_util.tree_leaves(x):
-        if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
-            raise TypeError(
-                f"The solution x must have floating-point leaves to be differentiated, got "
-                f"dtype {jnp.result_type(leaf)}."
-            )
-
-
-def _validate_solver_output(
-    solver: Callable[..., PyTree], init: PyTree, x_star: PyTree, cfg: ImplicitConfig
-) -> None:
-    """A solver that returns another shape than its ``init`` is a bug in the solver, not a
-    convergence failure: say so with both shapes instead of reporting a huge residual."""
-    if init is None:
-        return
-    init_struct = jax.tree_util.tree_structure(init)
-    x_struct = jax.tree_util.tree_structure(x_star)
-    init_shapes = [jnp.shape(leaf) for leaf in jax.tree_util.tree_leaves(init)]
-    x_shapes = [jnp.shape(leaf) for leaf in jax.tree_util.tree_leaves(x_star)]
-    if init_struct != x_struct or init_shapes != x_shapes:
-        name = getattr(solver, "__name__", repr(solver))
-        raise ValueError(
-            f"dargmin.{cfg.kind}: the solver {name!r} returned a solution of shapes "
-            f"{x_shapes} ({x_struct}) for an init of shapes {init_shapes} ({init_struct}). "
-            "The solution must have the structure and shapes of init (e.g. reshape a (p, 1) "
-            "column to (p,))."
-        )
-
-
 def _config(
     kind: str,
     linear_solver: str | LinearSolver | lx.AbstractLinearSolver,
@@ -388,7 +332,7 @@ def _decorate(optimality_for: Callable[[], Callable[..., PyTree]], cfg: Implicit
             # The solver never sees tracers with tangents: it is not differentiated (its
             # iterations are neither unrolled nor required to be differentiable).
             x_star = solver(init, *jax.lax.stop_gradient(params))
-            _validate_solver_output(solver, init, x_star, cfg)
+            validate_solver_output(solver, init, x_star, cfg.kind)
             return implicit_solution(optimality_fn, x_star, *params, config=cfg)
 
         return solve_with_implicit_derivatives
