@@ -7,8 +7,9 @@ where ``ŵ(θ) = argmin_w F(w, θ)`` is a (possibly non-smooth, ℓ1-penalized) 
 ICML 2020 / JMLR 2022) or by forward/reverse differentiation of the inner solver.
 
 A call flows one way through the modules: the problem (``_datafits``, ``_problems``) →
-the inner solve (``_inner_solvers``, ``_sklearn_ridge_solvers``, ``_split_lbfgsb``) → the derivative
-(``_hypergradients``, ``_unrolled``; one evaluation in ``_evaluation``) → the criterion
+the inner solve (``_inner_solvers``, ``_sklearn_ridge_solvers``, ``_split_lbfgsb``,
+``_working_set``) → the derivative (``_hypergradients``, ``_unrolled``; one evaluation in
+``_evaluation``) → the criterion
 (``_criteria``, ``_dof``, ``_risk``) → the outer loop (``_optimizers``, ``_outer``) → the
 estimators (``_estimator_base``: shared parameters and fit; ``_estimator_docs``: shared
 docstring sections; ``_estimators``, ``_classifier``: the models). Strategies are objects
@@ -20,6 +21,7 @@ mapped to them by :data:`REGISTRY`.
 import warnings as _warnings
 
 from dargmin.hyper._classifier import SparseLogisticHyperCV
+from dargmin.hyper._compile_cache import enable_compilation_cache
 from dargmin.hyper._criteria import (
     Criterion,
     CrossVal,
@@ -84,6 +86,7 @@ from dargmin.hyper._risk import SURE, SureResult
 from dargmin.hyper._sklearn_ridge_solvers import RidgeDirect, SklearnSolver, default_solver
 from dargmin.hyper._split_lbfgsb import SplitLBFGSB
 from dargmin.hyper._unrolled import Unrolled
+from dargmin.hyper._working_set import WorkingSetCD
 
 
 def _make_solver(solver, problem):
@@ -167,12 +170,14 @@ __all__ = [
     "SureResult",
     "Unrolled",
     "WeightedLassoHyperCV",
+    "WorkingSetCD",
     "default_bounds",
     "default_delta",
     "default_log_theta0",
     "default_solver",
     "degrees_of_freedom",
     "elastic_net",
+    "enable_compilation_cache",
     "hypergradient",
     "kkt_violation",
     "l2_logistic",

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.special
 
-from dargmin.hyper._problems import Cache, HyperProblem, _check_finite
+from dargmin.hyper._problems import Cache, HyperProblem, _check_finite, _host_method
 
 Array = Any
 
@@ -105,6 +105,7 @@ class HeldOutMSE(eqx.Module, Criterion):
         pred = problem.decision_function(self.X_val, w)
         return jnp.mean((jnp.asarray(self.y_val) - pred) ** 2)
 
+    @_host_method
     def value_and_grad(self, w: np.ndarray, problem: HyperProblem) -> tuple[float, np.ndarray]:
         """Closed form: ``r = A w + c − y``, ``C = ‖r‖²/m``, ``∇C = 2 Aᵀ r / m``."""
         A, c = _design_for(self, problem)
@@ -142,6 +143,7 @@ class HeldOutLogistic(eqx.Module, Criterion):
         z = problem.decision_function(self.X_val, w)
         return jnp.mean(jnp.logaddexp(0.0, -jnp.asarray(self.y_val) * z))
 
+    @_host_method
     def value_and_grad(self, w: np.ndarray, problem: HyperProblem) -> tuple[float, np.ndarray]:
         """Closed form: ``∇C = −Aᵀ(y σ(−y z))/m`` with ``z = A w + c``."""
         A, c = _design_for(self, problem)

@@ -28,13 +28,14 @@ from dargmin.hyper._problems import HyperProblem
 from dargmin.hyper._registry import resolve
 from dargmin.hyper._sklearn_ridge_solvers import SklearnSolver, default_solver
 from dargmin.hyper._split_lbfgsb import SplitLBFGSB
+from dargmin.hyper._working_set import WorkingSetCD
 
 #: Sparse inputs are densified up to this many entries (160 MB in float64); the inner
 #: problems, the support systems and the JAX solvers work on dense arrays.
 SPARSE_DENSIFY_MAX = 20_000_000
 
 _SOLVER_CONSTRAINT = [
-    StrOptions({"auto", "cd", "fista", "ista", "sklearn", "direct", "lbfgsb"}),
+    StrOptions({"auto", "cd", "fista", "ista", "sklearn", "direct", "lbfgsb", "working_set"}),
     HasMethods(["solve"]),
 ]
 _BASE_CONSTRAINTS: dict[str, list[Any]] = {
@@ -47,6 +48,7 @@ _BASE_CONSTRAINTS: dict[str, list[Any]] = {
     "solver": _SOLVER_CONSTRAINT,
     "max_iter": [Interval(Integral, 0, None, closed="left")],
     "n_path": [Interval(Integral, 0, None, closed="left")],
+    "n_jobs": [Integral, None],
     "fit_intercept": ["boolean"],
     "verbose": ["verbose"],
 }
@@ -59,6 +61,10 @@ _BASE_CONSTRAINTS: dict[str, list[Any]] = {
 #: 3-10x less time.
 SEARCH_TOL_SKLEARN = 1e-6
 SEARCH_TOL_CD = 1e-6
+#: L-BFGS-B's loose tolerance before the Newton steps on the support (logistic search and
+#: refit, :class:`SplitLBFGSB`): the same selected alpha and CV loss on breast_cancer and
+#: make_classification 300x300, with 0.6x the CPU time on breast_cancer (1e-2: 0.9x).
+SEARCH_COARSE_TOL = 1e-4
 
 #: The outer search stops when a step moves ``log alpha`` by less than this: ``alpha`` to
 #: within 1 %, seven times finer than ``LassoCV``'s default grid (100 values over three
@@ -71,20 +77,27 @@ def _search_solver(solver: Any, problem: HyperProblem) -> Any:
     if not (isinstance(solver, str) and solver == "auto"):
         return solver
     default = default_solver(problem)
+    if isinstance(default, SklearnSolver) and WorkingSetCD.supports(problem):
+        # One ℓ1 strength (lasso, elastic net): coordinate descent on a working set.
+        return WorkingSetCD(tol=SEARCH_TOL_SKLEARN, kkt_tol=1e-2)
     if isinstance(default, SklearnSolver):
         return SklearnSolver(tol=SEARCH_TOL_SKLEARN, kkt_tol=1e-2)
     if isinstance(default, ProxCD):
         # Other data fits (logistic): L-BFGS-B on the split w = u − v converges where
         # coordinate descent stalls on correlated columns (see _split_lbfgsb).
-        return SplitLBFGSB(tol=SEARCH_TOL_CD)
+        return SplitLBFGSB(tol=SEARCH_TOL_CD, coarse_tol=SEARCH_COARSE_TOL)
     return default
 
 
 def _refit_solver(solver: Any, problem: HyperProblem) -> Any:
     """The solver of the refit on all the data: the default one at its tight tolerance,
-    except for the data fits whose default, coordinate descent, is slow (logistic)."""
-    if isinstance(solver, str) and solver == "auto" and isinstance(default_solver(problem), ProxCD):
-        return SplitLBFGSB()
+    except for the data fits whose default, coordinate descent, is slow (logistic), and the
+    single-``alpha`` models, whose working-set solver reaches the same tolerance faster."""
+    if isinstance(solver, str) and solver == "auto":
+        if isinstance(default_solver(problem), ProxCD):
+            return SplitLBFGSB(coarse_tol=SEARCH_COARSE_TOL)
+        if WorkingSetCD.supports(problem):
+            return WorkingSetCD()
     return resolve("solver", solver, problem)
 
 
@@ -136,6 +149,7 @@ class _HyperCVBase(BaseEstimator):
         fit_intercept: bool = True,
         verbose: bool = False,
         n_path: int = 10,
+        n_jobs: int | None = None,
     ):
         _store_params(self, locals())
 
@@ -199,6 +213,7 @@ class _HyperCVBase(BaseEstimator):
                 progress=self.verbose,
                 n_path=n_path,
                 xtol=SEARCH_XTOL,
+                n_jobs=self.n_jobs,
             )
             # Refit on all the training data at the selected hyperparameters.
             log_theta = np.asarray(res.log_theta)

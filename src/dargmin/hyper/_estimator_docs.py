@@ -32,10 +32,12 @@ optimizer : str, optimizer object or optax optimizer, default="gd"
 solver : str or InnerSolver, default="auto"
     Inner solver: an object (:class:`~dargmin.hyper.ProxCD`,
     :class:`~dargmin.hyper.FISTA`, :class:`~dargmin.hyper.SklearnSolver`,
+    :class:`~dargmin.hyper.WorkingSetCD`,
     :class:`~dargmin.hyper.SplitLBFGSB`...) or a name ("auto", "cd", "fista", "ista",
-    "sklearn", "direct", "lbfgsb"). "auto" searches with
-    :func:`~dargmin.hyper.default_solver` at a looser tolerance (for the logistic loss,
-    :class:`~dargmin.hyper.SplitLBFGSB`) and refits at its tight default.
+    "sklearn", "direct", "lbfgsb", "working_set"). "auto" searches with
+    :func:`~dargmin.hyper.default_solver` at a looser tolerance (for one ℓ1 strength,
+    the Lasso and the elastic net, :class:`~dargmin.hyper.WorkingSetCD`; for the
+    logistic loss, :class:`~dargmin.hyper.SplitLBFGSB`) and refits at its tight default.
 max_iter : int, default=30
     Maximal number of outer iterations.
 fit_intercept : bool, default=True
@@ -45,7 +47,12 @@ verbose : bool, default=False
 n_path : int, default=10
     Points of the coarse warm-started path (from ``alpha_max`` down four decades)
     evaluated before the descent, which starts at the best of them: CV curves often
-    have several local minima. 0 starts from ``alpha_max/10`` instead."""
+    have several local minima. 0 starts from ``alpha_max/10`` instead.
+n_jobs : int or None, default=None
+    Threads solving the CV folds' inner problems concurrently (scikit-learn's
+    convention: ``None`` means 1, ``-1`` all cores). The support systems of the folds
+    are solved in one batched call whatever ``n_jobs``, sharded over the JAX devices
+    when there are several."""
 
 #: ``max_iter_lasso`` of the estimators that start from the single-``alpha`` optimum.
 PARAM_MAX_ITER_LASSO = """\

@@ -47,6 +47,7 @@ def _lasso_start(est: _HyperCVBase, X: np.ndarray, y: np.ndarray, max_iter: int)
         max_iter=max_iter,
         n_path=est.n_path,
         xtol=SEARCH_XTOL,
+        n_jobs=est.n_jobs,
     )
     return float(res.log_theta[0])
 
@@ -71,6 +72,7 @@ class _LassoStarted(_Regressor):
         fit_intercept: bool = True,
         verbose: bool = False,
         n_path: int = 10,
+        n_jobs: int | None = None,
     ):
         _store_params(self, locals())
 
@@ -127,6 +129,7 @@ class LassoHyperCV(_Regressor):
         fit_intercept: bool = True,
         verbose: bool = False,
         n_path: int = 10,
+        n_jobs: int | None = None,
     ):
         _store_params(self, locals())
 

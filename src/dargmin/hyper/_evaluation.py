@@ -8,7 +8,9 @@ method into a :class:`HypergradientResult`.
 
 from __future__ import annotations
 
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import jax
@@ -57,6 +59,36 @@ class HypergradientResult(NamedTuple):
     info: dict | None = None
 
 
+def _n_threads(n_jobs: int | None, n_tasks: int) -> int:
+    """scikit-learn's ``n_jobs`` convention as a thread count for ``n_tasks`` tasks."""
+    if n_jobs is None or n_jobs == 0:
+        return 1
+    cores = os.cpu_count() or 1
+    n = n_jobs if n_jobs > 0 else max(cores + 1 + n_jobs, 1)
+    return max(1, min(n, n_tasks))
+
+
+def solve_folds(
+    pairs: list, solvers: list, theta: np.ndarray, starts: list, n_jobs: int | None = None
+) -> list[Any]:
+    """Solve each fold's inner problem (``pairs[k][0]``) with ``solvers[k]`` from
+    ``starts[k]``; with ``n_jobs`` > 1 the folds run in a thread pool (each fold has its own
+    solver object and warm start, so the solves are independent)."""
+
+    def one(k: int) -> Any:
+        prob_k = pairs[k][0]
+        with jax.enable_x64(True):  # the context is per thread
+            return resolve("solver", solvers[k], prob_k).solve(prob_k, theta, starts[k])
+
+    n = _n_threads(n_jobs, len(pairs))
+    objects = [id(s) for s in solvers if not isinstance(s, str)]
+    if n == 1 or len(set(objects)) < len(objects):
+        # One solver object shared by several folds keeps state (warm starts): sequential.
+        return [one(k) for k in range(len(pairs))]
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(one, range(len(pairs))))
+
+
 def hypergradient(
     problem: HyperProblem,
     criterion: Any,
@@ -65,6 +97,7 @@ def hypergradient(
     method: Any = "implicit",
     solver: Any = "auto",
     w0: Any = None,
+    n_jobs: int | None = None,
     **method_options: Any,
 ) -> HypergradientResult:
     """Value and gradient of ``R(θ) = C(ŵ(θ))`` with respect to ``log_theta``.
@@ -97,6 +130,10 @@ def hypergradient(
         gives one per fold. Keep the same instance across calls to reuse warm starts.
     w0
         Warm start (an array, or a list of arrays with one per fold for ``CrossVal``).
+    n_jobs
+        Threads solving the folds' inner problems concurrently (scikit-learn's
+        convention: ``None`` or 1 for one, ``-1`` for one per core). The inner solvers
+        built on scikit-learn's coordinate descent and NumPy release the GIL.
     **method_options
         Options of the method names, for backward compatibility: ``smooth_backend``
         (``"implicit"``), ``tol_jac`` and ``max_iter_jac`` (``"implicit_forward"``),
@@ -150,15 +187,25 @@ def hypergradient(
         vals, grads, coefs, iters, supp, ts, tg = [], [], [], 0, 0, 0.0, 0.0
         ranks: list[int | None] = []
         notes: list[str] = []
-        for (prob_k, crit_k), slv, start in zip(pairs, solvers, starts, strict=True):
-            w, n_it = start, 0
-            if meth.needs_solution:
-                res = resolve("solver", slv, prob_k).solve(prob_k, theta, start)
-                w, n_it, t_s = res.coef, res.n_iter, res.time
-                ts += t_s
-            t0 = time.perf_counter()
-            val, grad, info = meth.compute(prob_k, crit_k, theta, w)
-            tg += time.perf_counter() - t0
+        if meth.needs_solution:
+            results = solve_folds(pairs, solvers, theta, starts, n_jobs)
+            sols = [r.coef for r in results]
+            ts = sum(r.time for r in results)
+            n_its = [r.n_iter for r in results]
+        else:
+            sols, n_its = starts, [0] * len(pairs)
+        t0 = time.perf_counter()
+        batch = getattr(meth, "compute_folds", None)
+        if meth.needs_solution and batch is not None and len(pairs) > 1:
+            # One batched call for the folds' support systems (see compute_folds).
+            outs = batch(pairs, theta, sols)
+        else:
+            outs = [
+                meth.compute(prob_k, crit_k, theta, w)
+                for (prob_k, crit_k), w in zip(pairs, sols, strict=True)
+            ]
+        tg += time.perf_counter() - t0
+        for w, n_it, (val, grad, info) in zip(sols, n_its, outs, strict=True):
             if not meth.needs_solution:
                 w, n_it = info["coef"], info["n_iter"]
             vals.append(val)

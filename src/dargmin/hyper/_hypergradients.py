@@ -82,6 +82,68 @@ def _restricted_hessian(problem: HyperProblem, w: np.ndarray, S: np.ndarray, l2:
     return XS.T @ (d[:, None] * XS) + np.diag(l2[S]), XS, d
 
 
+class _SupportSystem(NamedTuple):
+    """One fold's support system ``H v = ∇_S C`` before its solve, and how to finish."""
+
+    problem: HyperProblem
+    log_theta: np.ndarray
+    w: np.ndarray
+    value: float
+    l2: np.ndarray
+    S: np.ndarray
+    H: np.ndarray
+    rhs: np.ndarray
+
+    @classmethod
+    def build(cls, problem, criterion, log_theta, w) -> _SupportSystem:
+        l1, l2 = _penalties_np(problem, log_theta)
+        val, gC = _criterion_grad(criterion, problem, w)
+        S = _support(problem, w, l1)
+        H = _restricted_hessian(problem, w, S, l2)[0] if S.size else np.zeros((0, 0))
+        return cls(problem, log_theta, w, val, l2, S, H, gC[S])
+
+    def finish(self, sol: SupportSolve) -> tuple[float, np.ndarray, dict]:
+        """``(R, ∇R, info)`` from the adjoint ``v``:
+        ``∇R = −(dλ_S/dθ)ᵀ(sign ŵ_S ⊙ v) − (dμ_S/dθ)ᵀ(ŵ_S ⊙ v)``."""
+        prob, S, w = self.problem, self.S, self.w
+        c_l1, c_l2 = np.zeros(prob.n_coef), np.zeros(prob.n_coef)
+        c_l1[S] = -sol.x * np.sign(w[S])
+        c_l2[S] = -sol.x * w[S]
+        grad = prob.penalty_vjp(self.log_theta, c_l1, c_l2)
+        return self.value, grad, _info(sol.rank, sol.note, support_size=S.size)
+
+
+#: Spread the CV folds' batched support solves over the JAX devices when there are several
+#: (a ``NamedSharding`` of the fold axis); ``False`` keeps them on the default device.
+SHARD_FOLDS = True
+
+
+def _place_folds(*arrays: np.ndarray) -> tuple[Any, ...]:
+    """The fold-stacked arrays, sharded along their first axis over all JAX devices when
+    there are several (padded with identity systems to a multiple of the device count);
+    as they are otherwise."""
+    n_dev = jax.device_count()
+    if not SHARD_FOLDS or n_dev == 1:
+        return arrays
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    k = arrays[0].shape[0]
+    extra = (-k) % n_dev
+    mesh = Mesh(np.array(jax.devices()), ("folds",))
+    placed = []
+    for i, a in enumerate(arrays):
+        if extra:
+            # Identity systems with zero right-hand sides: well posed, solution 0.
+            fill = (
+                np.broadcast_to(np.eye(a.shape[1]), (extra, *a.shape[1:]))
+                if i == 0
+                else (np.zeros((extra, *a.shape[1:])))
+            )
+            a = np.concatenate([a, fill])
+        placed.append(jax.device_put(a, NamedSharding(mesh, PartitionSpec("folds"))))
+    return tuple(placed)
+
+
 class SupportSolve(NamedTuple):
     """Solution of a support system ``H X = B`` by :func:`_support_solve`."""
 
@@ -95,15 +157,22 @@ def _bucket(k: int, minimum: int = 8) -> int:
     return max(minimum, 1 << (int(k) - 1).bit_length())
 
 
-def _padded(H: np.ndarray, B: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``H`` bordered by ``c·I`` (``c`` its mean diagonal) and ``B`` by zero rows, to a
-    bucketed size: the padding block is decoupled, well scaled, and its solution is 0."""
-    # Coarse buckets (powers of 4 from 16): each compiled size costs about a second.
-    s = H.shape[0]
+def _padded_size(s: int) -> int:
+    """The bucketed size of a support system (powers of 4 from 16): each compiled size
+    costs about a second."""
     sp = 16
     while sp < s:
         sp *= 4
-    c = max(float(np.mean(np.abs(np.diag(H)))), 1e-300)
+    return sp
+
+
+def _padded(H: np.ndarray, B: np.ndarray, size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``H`` bordered by ``c·I`` (``c`` its mean diagonal) and ``B`` by zero rows, to a
+    bucketed size (or ``size``): the padding block is decoupled, well scaled, and its
+    solution is 0."""
+    s = H.shape[0]
+    sp = _padded_size(s) if size is None else size
+    c = max(float(np.mean(np.abs(np.diag(H)))), 1e-300) if s else 1.0
     Hp = np.eye(sp) * c
     Hp[:s, :s] = H
     Bp = np.zeros((sp, B.shape[1]))
@@ -113,8 +182,7 @@ def _padded(H: np.ndarray, B: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return Hp, Bp
 
 
-@jax.jit
-def _cholesky_solve(H: jax.Array, B: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _cholesky_solve_impl(H: jax.Array, B: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Cholesky through the linear-system layer; ``(X, cond)`` with the cheap lower bound
     ``(max/min diagonal of the factor)²`` of ``cond(H)`` (``inf`` when it failed)."""
     op = lx.MatrixLinearOperator(H, lx.positive_semidefinite_tag)
@@ -128,6 +196,12 @@ def _cholesky_solve(H: jax.Array, B: jax.Array) -> tuple[jax.Array, jax.Array]:
     cond = (jnp.max(diag) / jnp.min(diag)) ** 2
     bad = ~jnp.all(jnp.isfinite(X)) | ~jnp.isfinite(cond)
     return X, jnp.where(bad, jnp.inf, cond)
+
+
+_cholesky_solve = jax.jit(_cholesky_solve_impl)
+#: The support systems of all the CV folds in one call (a leading fold axis): one dispatch
+#: per evaluation instead of one per fold, and the axis that spreads over devices.
+_cholesky_solve_folds = jax.jit(jax.vmap(_cholesky_solve_impl))
 
 
 @jax.jit
@@ -307,20 +381,46 @@ class ImplicitSupport(HypergradientMethod):
         """``(R(θ), ∇R(θ), info)`` at the inner solution ``w``."""
         if problem.smooth and self.smooth_backend == "argmin":
             return self._argmin(problem, criterion, log_theta, w)
-        l1, l2 = _penalties_np(problem, log_theta)
-        val, gC = _criterion_grad(criterion, problem, w)
-        S = _support(problem, w, l1)
-        if S.size == 0:
+        sys_ = _SupportSystem.build(problem, criterion, log_theta, w)
+        if sys_.S.size == 0:
             # ŵ = 0 strictly inside the zero region: locally constant, the hypergradient is 0.
-            return val, np.zeros(problem.n_hyper), _info(0, support_size=0)
-        H, _, _ = _restricted_hessian(problem, w, S, l2)
-        sol = _support_solve(H, gC[S], problem, mu=l2[S])
-        v = sol.x
-        c_l1, c_l2 = np.zeros(problem.n_coef), np.zeros(problem.n_coef)
-        c_l1[S] = -v * np.sign(w[S])
-        c_l2[S] = -v * w[S]
-        grad = problem.penalty_vjp(log_theta, c_l1, c_l2)
-        return val, grad, _info(sol.rank, sol.note, support_size=S.size)
+            return sys_.value, np.zeros(problem.n_hyper), _info(0, support_size=0)
+        return sys_.finish(_support_solve(sys_.H, sys_.rhs, problem, mu=sys_.l2[sys_.S]))
+
+    def compute_folds(self, pairs, log_theta, ws) -> list[tuple[float, np.ndarray, dict]]:
+        """:meth:`compute` for the CV folds ``pairs`` (``(problem, criterion)``) at their
+        solutions ``ws``, with the support systems solved in one batched call.
+
+        The systems are padded to a common size and solved by a Cholesky factorization
+        vmapped over the folds; when several JAX devices exist (and :data:`SHARD_FOLDS`),
+        the fold axis is sharded over them. A fold whose system is (nearly) singular is
+        re-solved alone by :func:`_support_solve` (minimum-norm solution or a clear error).
+        """
+        if any(p.smooth for p, _ in pairs) and self.smooth_backend == "argmin":
+            return [self.compute(p, c, log_theta, w) for (p, c), w in zip(pairs, ws, strict=True)]
+        systems = [
+            _SupportSystem.build(p, c, log_theta, w) for (p, c), w in zip(pairs, ws, strict=True)
+        ]
+        active = [k for k, sy in enumerate(systems) if sy.S.size]
+        out: list[Any] = [
+            (sy.value, np.zeros(sy.problem.n_hyper), _info(0, support_size=0)) for sy in systems
+        ]
+        if not active:
+            return out
+        size = _padded_size(max(systems[k].S.size for k in active))
+        padded = [_padded(systems[k].H, systems[k].rhs[:, None], size) for k in active]
+        Hs, Bs = np.stack([h for h, _ in padded]), np.stack([b for _, b in padded])
+        with jax.enable_x64(True):
+            X, cond = _cholesky_solve_folds(*_place_folds(Hs, Bs))
+            X, cond = np.asarray(X), np.asarray(cond)
+        for i, k in enumerate(active):
+            sy = systems[k]
+            if cond[i] < _COND_MAX:
+                sol = SupportSolve(X[i, : sy.S.size, 0], sy.S.size, None)
+            else:
+                sol = _support_solve(sy.H, sy.rhs, sy.problem, mu=sy.l2[sy.S])
+            out[k] = sy.finish(sol)
+        return out
 
     def _argmin(self, problem, criterion, theta, w):
         val, gC = _criterion_grad(criterion, problem, w)

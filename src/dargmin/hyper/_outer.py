@@ -20,7 +20,7 @@ import numpy as np
 
 from dargmin.diagnostics import DargminWarning, SingularSystemError
 from dargmin.hyper._dof import _check_problem
-from dargmin.hyper._evaluation import hypergradient
+from dargmin.hyper._evaluation import hypergradient, solve_folds
 from dargmin.hyper._hypergradients import _criterion_grad
 from dargmin.hyper._optimizers import Monitor, OuterResult, minimize_hyper
 from dargmin.hyper._problems import HyperProblem
@@ -120,6 +120,7 @@ def optimize_hyperparameters(
     n_path: int = 0,
     rgtol: float = 1e-4,
     xtol: float = 1e-3,
+    n_jobs: int | None = None,
     **hypergradient_options: Any,
 ) -> OuterResult:
     """Hypergradient descent: minimize ``R(θ) = C(ŵ(θ))`` over ``log_theta``.
@@ -158,6 +159,8 @@ def optimize_hyperparameters(
         See :func:`minimize_hyper`.
     n_path
         Number of coarse-path points evaluated before the descent (0: none).
+    n_jobs
+        Threads solving the CV folds concurrently (see :func:`hypergradient`).
     **hypergradient_options
         Legacy options of the method names (``tol``, ``tol_jac``, ``unrolled``...), see
         :func:`hypergradient`.
@@ -185,19 +188,22 @@ def optimize_hyperparameters(
         solvers = [copy.deepcopy(resolve("solver", solver, p)) for p in base]
 
         def evaluate(th: np.ndarray, w0: Any) -> tuple[float, np.ndarray, Any]:
-            hg = hypergradient(problem, criterion, th, method=meth, solver=solvers, w0=w0)
+            hg = hypergradient(
+                problem, criterion, th, method=meth, solver=solvers, w0=w0, n_jobs=n_jobs
+            )
             return hg.value, hg.grad, hg.coef
 
         def value_only(th: np.ndarray, w0: Any) -> tuple[float, Any]:
             # The coarse path only compares criterion values: no support systems.
             pairs = criterion.folds(problem) if folds else [(problem, criterion)]
             starts = [None] * len(pairs) if w0 is None else (list(w0) if folds else [w0])
-            vals, coefs = [], []
+            results = solve_folds(pairs, solvers, th, starts, n_jobs)
+            coefs = [np.asarray(r.coef) for r in results]
             with jax.enable_x64(True):
-                for (prob_k, crit_k), slv, start in zip(pairs, solvers, starts, strict=True):
-                    w = np.asarray(slv.solve(prob_k, th, start).coef)
-                    vals.append(_criterion_grad(crit_k, prob_k, w)[0])
-                    coefs.append(w)
+                vals = [
+                    _criterion_grad(crit_k, prob_k, w)[0]
+                    for (prob_k, crit_k), w in zip(pairs, coefs, strict=True)
+                ]
             return float(np.mean(vals)), (coefs if folds else coefs[0])
 
         mon = monitor if monitor is not None else Monitor()

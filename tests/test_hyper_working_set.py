@@ -1,0 +1,170 @@
+"""The estimators' speed levers, each checked against an independent reference.
+
+* :class:`~dargmin.hyper.WorkingSetCD` against scikit-learn's ``Lasso`` / ``ElasticNet``
+  solved to a tight tolerance (a peer);
+* the NumPy twins of the penalty maps against the JAX maps and their JAX derivative;
+* the folds' support systems solved in one batch against the per-fold solves, including a
+  fold whose system is singular (duplicate columns);
+* folds solved in threads (``n_jobs``) against the sequential fit;
+* :func:`~dargmin.hyper.enable_compilation_cache` sets JAX's cache options;
+* :class:`~dargmin.hyper.SplitLBFGSB` with a coarse L-BFGS-B phase and Newton steps
+  against scikit-learn's liblinear.
+"""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from sklearn.datasets import make_regression
+from sklearn.linear_model import ElasticNet, Lasso, LogisticRegression
+from sklearn.model_selection import KFold
+
+from dargmin.hyper import (
+    CrossVal,
+    HeldOutMSE,
+    ImplicitSupport,
+    LassoHyperCV,
+    SplitLBFGSB,
+    WorkingSetCD,
+    elastic_net,
+    enable_compilation_cache,
+    lasso,
+    sparse_logistic,
+    weighted_lasso,
+)
+from dargmin.hyper._problems import _penalty_vectors
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_regression(60, 150, n_informative=8, noise=5.0, random_state=0)
+
+
+@pytest.mark.parametrize("frac", [0.5, 0.05, 0.005])
+def test_working_set_matches_sklearn_lasso(data, frac):
+    X, y = data
+    prob = lasso(X, y)  # centered: the intercept is exact
+    alpha = frac * prob.alpha_max()
+    res = WorkingSetCD(tol=1e-12).solve(prob, [np.log(alpha)])
+    ref = Lasso(alpha=alpha, tol=1e-12, max_iter=200_000).fit(X, y)
+    coef, intercept = prob.coef_intercept(res.coef)
+    assert res.converged
+    np.testing.assert_allclose(coef, ref.coef_, atol=1e-6)
+    np.testing.assert_allclose(intercept, ref.intercept_, atol=1e-6)
+
+
+def test_working_set_matches_sklearn_elastic_net(data):
+    X, y = data
+    prob = elastic_net(X, y, fit_intercept=False)
+    theta = np.array([np.log(0.02 * prob.alpha_max()), np.log(0.5)])
+    lam, mu = np.exp(theta)
+    res = WorkingSetCD(tol=1e-12).solve(prob, theta)
+    # scikit-learn: alpha (l1_ratio ‖w‖₁ + (1 − l1_ratio)/2 ‖w‖²) = λ‖w‖₁ + μ/2 ‖w‖².
+    ref = ElasticNet(
+        alpha=lam + mu, l1_ratio=lam / (lam + mu), fit_intercept=False, tol=1e-12, max_iter=10**5
+    ).fit(X, y)
+    np.testing.assert_allclose(res.coef, ref.coef_, atol=1e-6)
+
+
+def test_working_set_warm_start_gives_the_same_solution(data):
+    X, y = data
+    prob = lasso(X, y)
+    t1, t2 = np.log(0.1 * prob.alpha_max()), np.log(0.02 * prob.alpha_max())
+    cold = WorkingSetCD(tol=1e-12).solve(prob, [t2])
+    warm = WorkingSetCD(tol=1e-12).solve(prob, [t2], WorkingSetCD().solve(prob, [t1]).coef)
+    np.testing.assert_allclose(warm.coef, cold.coef, atol=1e-7)
+
+
+def test_working_set_refuses_per_feature_strengths(data):
+    X, y = data
+    with pytest.raises(ValueError, match="one ℓ1 strength"):
+        WorkingSetCD().solve(weighted_lasso(X, y), np.zeros(X.shape[1]))
+
+
+@pytest.mark.parametrize(
+    "make, n_hyper", [(lasso, 1), (elastic_net, 2), (weighted_lasso, 150), (sparse_logistic, 1)]
+)
+def test_host_penalty_maps_equal_the_jax_maps(data, make, n_hyper):
+    X, y = data
+    prob = make(X, np.sign(y) if make is sparse_logistic else y)
+    theta = np.random.default_rng(1).normal(size=n_hyper)
+    with jax.enable_x64(True):
+        l1, l2 = _penalty_vectors(jnp.asarray(theta), prob.l1, prob.l2, 150, prob.augmented)
+        c1, c2 = np.random.default_rng(2).normal(size=(2, prob.n_coef))
+        _, vjp = jax.vjp(
+            lambda t: _penalty_vectors(t, prob.l1, prob.l2, 150, prob.augmented), theta
+        )
+        ref_vjp = np.asarray(vjp((jnp.asarray(c1), jnp.asarray(c2)))[0])
+    h1, h2 = prob.penalties_host(theta)
+    np.testing.assert_allclose(h1, np.asarray(l1), rtol=1e-15)
+    np.testing.assert_allclose(h2, np.asarray(l2), rtol=1e-15)
+    np.testing.assert_allclose(prob.penalty_vjp(theta, c1, c2), ref_vjp, rtol=1e-12)
+
+
+def test_batched_fold_solves_equal_per_fold_solves(data):
+    X, y = data
+    j = int(np.argmax(np.abs(X.T @ (y - y.mean()))))  # the first column to enter
+    X = np.hstack([X, X[:, j : j + 1]])  # duplicated: its support systems are singular
+    prob = lasso(X, y)
+    crit = CrossVal(HeldOutMSE, cv=KFold(4))
+    pairs = crit.folds(prob)
+    theta = np.array([np.log(0.2 * prob.alpha_max())])
+    ws = []
+    for p, _ in pairs:
+        w = WorkingSetCD(tol=1e-12).solve(p, theta).coef
+        # Splitting a coefficient between duplicate columns (same sign) is also a solution;
+        # one fold gets it, so its support Hessian is singular.
+        if not ws:
+            w[j] = w[-1] = 0.5 * (w[j] + w[-1])
+        ws.append(w)
+    assert ws[0][j] != 0 and ws[0][-1] != 0
+    meth = ImplicitSupport()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        batched = meth.compute_folds(pairs, theta, ws)
+        single = [meth.compute(p, c, theta, w) for (p, c), w in zip(pairs, ws, strict=True)]
+    for (vb, gb, ib), (vs, gs, is_) in zip(batched, single, strict=True):
+        assert vb == vs
+        np.testing.assert_allclose(gb, gs, rtol=1e-9)
+        assert ib["support_rank"] == is_["support_rank"]
+    # The singular fold went through the minimum-norm fallback, and said so.
+    assert batched[0][2]["notes"]
+
+
+def test_threaded_folds_give_the_sequential_fit():
+    X, y = make_regression(80, 30, n_informative=5, noise=5.0, random_state=0)
+    one = LassoHyperCV(cv=KFold(3), n_path=5, max_iter=5).fit(X, y)
+    two = LassoHyperCV(cv=KFold(3), n_path=5, max_iter=5, n_jobs=2).fit(X, y)
+    assert two.alpha_ == one.alpha_
+    np.testing.assert_array_equal(two.coef_, one.coef_)
+
+
+def test_enable_compilation_cache_sets_jax_options(tmp_path, monkeypatch):
+    calls = {}
+    monkeypatch.setattr(jax.config, "update", lambda name, value: calls.__setitem__(name, value))
+    out = enable_compilation_cache(tmp_path / "c")
+    assert out.is_dir()
+    assert calls["jax_compilation_cache_dir"] == str(tmp_path / "c")
+    assert calls["jax_persistent_cache_min_compile_time_secs"] == 0.0
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.005])
+def test_split_lbfgsb_coarse_phase_matches_liblinear(alpha):
+    from sklearn.datasets import make_classification
+
+    X, y01 = make_classification(80, 12, n_informative=4, random_state=0)
+    y = np.where(y01 == 1, 1.0, -1.0)
+    # liblinear minimizes ‖w‖₁ + C Σ log(1 + e^{−yᵢxᵢᵀw}): ours divided by C n, α = 1/(C n).
+    ref = LogisticRegression(
+        C=1.0 / (80 * alpha), l1_ratio=1.0, solver="liblinear", fit_intercept=False, tol=1e-12
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref.fit(X, y01)
+    prob = sparse_logistic(X, y, fit_intercept=False)
+    res = SplitLBFGSB(tol=1e-10, coarse_tol=1e-3).solve(prob, [np.log(alpha)])
+    assert res.converged
+    np.testing.assert_allclose(res.coef, ref.coef_[0], atol=2e-5)
+    assert np.array_equal(res.coef != 0, np.abs(ref.coef_[0]) > 1e-8)
