@@ -5,6 +5,9 @@ where the solve itself is also compared), an external solver's duals (Clarabel) 
 same derivative, a peer layer (cvxpylayers) where installed, and the refusals.
 """
 
+import itertools
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,6 +57,52 @@ def scipy_qp(Q, q, A, b, G, h):
 
 PROBLEM = random_qp(0)
 
+_CALLED = r"(?:body|condition|to_apply|calls|branch_computations)=\{?((?:%?[\w.\-]+(?:, )?)+)"
+
+
+def independent_lapack_calls(hlo: str) -> list[tuple[str, str]]:
+    """Pairs of LAPACK custom calls (or control-flow ops whose computations hold one) in
+    the same HLO computation with no data path between them: XLA:CPU may run those at once."""
+    comps = re.split(r"\n(?=(?:ENTRY )?%?[\w.\-]+ \(.*\) -> .*\{\n)", hlo)
+
+    def name(comp: str) -> str:
+        head = comp.split(" ", 2)
+        return (head[1] if head[0] == "ENTRY" else head[0]).lstrip("%")
+
+    def called(text: str) -> set[str]:
+        return {c.strip().lstrip("%") for g in re.findall(_CALLED, text) for c in g.split(",")}
+
+    holds = {name(c): "lapack_" in c for c in comps}
+    calls = {name(c): called(c) for c in comps}
+    for _ in comps:  # propagate through nested computations
+        holds = {c: holds[c] or any(holds.get(x, False) for x in calls[c]) for c in holds}
+    found = []
+    for comp in comps:
+        deps, nodes = {}, []
+        for line in comp.split("\n")[1:]:
+            match = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (.*)", line)
+            if not match:
+                continue
+            var, rest = match.groups()
+            deps[var] = set(re.findall(r"%([\w.\-]+)", rest))
+            if "lapack_" in rest or any(holds.get(x, False) for x in called(rest)):
+                nodes.append(var)
+
+        def ancestors(var: str) -> set[str]:
+            seen, stack = set(), list(deps.get(var, ()))
+            while stack:
+                u = stack.pop()
+                if u not in seen:
+                    seen.add(u)
+                    stack.extend(deps.get(u, ()))
+            return seen
+
+        up = {v: ancestors(v) for v in nodes}
+        found += [
+            (a, b) for a, b in itertools.combinations(nodes, 2) if a not in up[b] and b not in up[a]
+        ]
+    return found
+
 
 def test_solution_matches_scipy_and_converges():
     sol = solve_qp(*PROBLEM)
@@ -100,7 +149,11 @@ def test_batched_reverse_agrees_with_member_and_external_solver():
     def loss(q, h, solver=None):
         return solve_qp(Q, q, A, b, G, h, solver=solver).x.sum()
 
-    grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(q, h)
+    grad_fn = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    grads = grad_fn(q, h)
+    # No two batched LAPACK calls may run side by side (jaxlib 0.10's batched kernels
+    # deadlock XLA's CPU thread pool then): every pair must be ordered by a data path.
+    assert independent_lapack_calls(grad_fn.lower(q, h).compile().as_text()) == []
     member = jax.grad(lambda q, h: solve_qp(Q[1], q, A[1], b[1], G[1], h).x.sum(), argnums=(0, 1))(
         q[1], h[1]
     )
@@ -130,6 +183,21 @@ def test_agrees_with_cvxpylayers():
     # cvxpylayers solves with SCS/Clarabel to ~1e-8 and differentiates with diffcp's LSQR
     np.testing.assert_allclose(theirs[0], ours[0], atol=1e-4)
     np.testing.assert_allclose(theirs[1], ours[1], atol=1e-4)
+
+
+def test_linear_program_takes_the_primal_path_with_exact_derivative():
+    # Q = 0 (no Cholesky): min cᵀx s.t. Σx = t, 0 ≤ x ≤ 1 with c increasing fills the
+    # cheapest coordinates: x = (1, t − 1, 0) for 1 < t < 2, so dx/dt = (0, 1, 0).
+    c, t = jnp.array([1.0, 2.0, 3.0]), jnp.array([1.5])
+    G, h = jnp.concatenate([jnp.eye(3), -jnp.eye(3)]), jnp.concatenate([jnp.ones(3), jnp.zeros(3)])
+
+    def x_of(t):
+        return solve_qp(jnp.zeros((3, 3)), c, jnp.ones((1, 3)), t, G, h).x
+
+    sol = solve_qp(jnp.zeros((3, 3)), c, jnp.ones((1, 3)), t, G, h)
+    assert bool(sol.info.converged)
+    np.testing.assert_allclose(sol.x, [1.0, 0.5, 0.0], atol=1e-9)
+    np.testing.assert_allclose(jax.jacobian(x_of)(t)[:, 0], [0.0, 1.0, 0.0], atol=1e-9)
 
 
 def test_refusals_infeasible_and_degenerate():

@@ -3,9 +3,11 @@ active-set polish that gives the KKT derivative exact complementarity to work fr
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
+import equinox.internal as eqxi
 import jax
 import jax.numpy as jnp
 
@@ -16,27 +18,38 @@ from dargmin.constrained._qp_types import QPData, QPInfo, qp_residuals
 class InteriorPoint:
     """Mehrotra predictor-corrector primal-dual interior-point method, in JAX.
 
-    Each iteration eliminates the slacks and inequality multipliers, factorizes
-    ``Q + Gᵀ diag(λ/s) G`` by Cholesky and the Schur complement of the equalities
-    ``A (·)⁻¹ Aᵀ`` by Cholesky (both with a relative ``1e-13`` diagonal shift, so that
-    redundant equalities and semidefinite ``Q`` do not break it) once, and takes one
-    predictor and one corrector step from those factors with a fraction-to-boundary rule
-    of 0.99. Its LAPACK calls form a single dependent chain, so that under ``vmap`` no two
-    batched factorizations run at once (jaxlib 0.10's batched LAPACK kernels can deadlock
-    the CPU thread pool when they do).
+    Each iteration eliminates the slacks and inequality multipliers and takes one
+    predictor and one corrector step from one factorization, with a fraction-to-boundary
+    rule of 0.99. Two ways to solve the Newton systems:
 
-    Iterates until the primal and dual residuals are below ``tol`` times ``1 +`` the size
-    of the data they are compared with (``max(‖b‖∞, ‖h‖∞)``; ``‖q‖∞``) and the largest
-    complementarity product ``max sᵢλᵢ / (max(1, ‖x‖∞) max(1, ‖λ‖∞))`` is below
-    ``gap_tol``, or ``max_iter`` iterations, or a vanishing step. Then it *polishes*: the
-    equality-constrained QP of the active set it found (``λᵢ > sᵢ``) is solved exactly by
-    one dense LU and kept if feasible with ``λ ≥ 0`` (to ``tol``). The result has exact
-    complementarity, so a weakly active constraint ends with both its multiplier and its
-    slack at rounding level, recognized as degenerate by the KKT check instead of being
-    silently assigned to one side. ``info.converged`` applies the same tests to the
-    returned point (``sᵀλ ≤ gap_tol·m·max(1, ‖x‖∞)·max(1, ‖λ‖∞)``); the KKT check refuses
-    to differentiate an unconverged point. Defaults: ``tol = 1e-10``,
+    * **dual path** (``Q`` positive definite, its Cholesky pivots within a squared ratio of
+      ``1e-9``; every member of a batch): ``Q = LLᵀ`` once, then per iteration the
+      ``(p + m)`` system ``(C Q⁻¹ Cᵀ + diag(0, s/λ)) y = …`` with ``C = [A; G]`` (a
+      ``1e-13`` relative shift for redundant equalities). After each iteration the
+      iterate is *polished* (below) and the solve stops at the first polished point that
+      passes ``info.converged``: in qpth's random QPs 3–8 iterations at n = 100.
+    * **primal path** (``Q`` semidefinite, an LP): ``Q + Gᵀ diag(λ/s) G`` and the Schur
+      complement ``A (·)⁻¹ Aᵀ`` by Cholesky (``1e-14`` / ``1e-13`` relative shifts),
+      iterating until the primal and dual residuals are below ``tol`` times ``1 +`` the
+      size of the data (``max(‖b‖∞, ‖h‖∞)``; ``‖q‖∞``) and the largest complementarity
+      product ``max sᵢλᵢ / (max(1, ‖x‖∞) max(1, ‖λ‖∞))`` is below ``gap_tol``, or
+      ``max_iter`` iterations, or a vanishing step; then it polishes once (a dense LU).
+
+    The *polish* solves the equality-constrained QP of the active set the iterate suggests
+    (``λᵢ > sᵢ``) exactly and keeps it if feasible with ``λ ≥ 0`` (to ``tol``). The result
+    has exact complementarity, so a weakly active constraint ends with both its multiplier
+    and its slack at rounding level, recognized as degenerate by the KKT check instead of
+    being silently assigned to one side. ``info.converged`` tests the returned point
+    (residuals as above, ``sᵀλ ≤ gap_tol·m·max(1, ‖x‖∞)·max(1, ‖λ‖∞)``); the KKT check
+    refuses to differentiate an unconverged point. Defaults: ``tol = 1e-10``,
     ``gap_tol = 1e-12`` in float64; ``1e-5`` and ``1e-7`` in float32.
+
+    The LAPACK calls of either path form a single dependent chain, so that under ``vmap``
+    no two batched LAPACK kernels run at once: jaxlib 0.10's batched kernels split the
+    batch over XLA's CPU thread pool and block a pool thread until the pieces finish, and
+    two running side by side can deadlock the pool (seen on 2 cores at n = 100, batch
+    128: a ``potrf`` and a ``trsm``). ``lax.optimization_barrier`` does not order them
+    (XLA:CPU removes it); data dependencies do.
 
     Attributes
     ----------
@@ -113,12 +126,24 @@ class InteriorPoint:
             ratios = jnp.where(dv < 0, -v / jnp.where(dv < 0, dv, -1.0), jnp.inf)
             return jnp.minimum(1.0, jnp.min(ratios, initial=jnp.inf))
 
-        # Start: the equality-constrained minimizer of the objective plus ½‖Gx − h‖², then
-        # slacks and multipliers shifted into the interior.
-        _, (x0, nu0) = factorize(jnp.ones((m,), dtype), -q + G.T @ h, b)
-        s0 = h - G @ x0
-        s0 = s0 + jnp.maximum(0.0, 1.0 - jnp.min(s0, initial=1.0))
-        lam0 = jnp.ones((m,), dtype)
+        def start(x0: jax.Array) -> tuple[jax.Array, jax.Array]:
+            """Slacks and multipliers of the start, shifted into the interior. Both paths
+            start from the equality-constrained minimizer of the objective plus
+            ½‖Gx − h‖²."""
+            s0 = h - G @ x0
+            s0 = s0 + jnp.maximum(0.0, 1.0 - jnp.min(s0, initial=1.0))
+            return s0, jnp.ones((m,), dtype)
+
+        def accepted(x: jax.Array, nu: jax.Array, lam: jax.Array) -> jax.Array:
+            """``info.converged`` of a returned point (see the class docstring)."""
+            primal, dual, gap = qp_residuals(data, x, nu, lam)
+            x_scale = jnp.maximum(1.0, jnp.max(jnp.abs(x), initial=0.0))
+            lam_scale = jnp.maximum(1.0, jnp.max(lam, initial=0.0))
+            return (
+                (primal <= tol * scale_p)
+                & (dual <= tol * scale_q)
+                & (gap * max(m, 1) <= gap_tol * x_scale * lam_scale)
+            )
 
         def measures(state: tuple) -> tuple:
             x, s, lam, nu, _ = state
@@ -148,7 +173,12 @@ class InteriorPoint:
                 & (complementarity(state) <= gap_tol)
             )
 
-        def step(state: tuple) -> tuple:
+        def make_step(factorize: Any, resolve: Any) -> Any:
+            """One Mehrotra iteration, with the Newton systems solved by ``factorize``
+            (factors and the predictor) and ``resolve`` (the corrector, same factors)."""
+            return functools.partial(step, factorize, resolve)
+
+        def step(factorize: Any, resolve: Any, state: tuple) -> tuple:
             x, s, lam, nu, k = state
             r_d, r_p, r_g, mu = measures(state)
             d = lam / s
@@ -184,24 +214,120 @@ class InteriorPoint:
         def keep_going(state: tuple) -> jax.Array:
             return (state[4] < self.max_iter) & ~done(state)
 
-        state = (x0, s0, lam0, nu0, jnp.zeros((), jnp.int32))
+        def primal_path(_: Any) -> tuple:
+            _, (x0, nu0) = factorize(jnp.ones((m,), dtype), -q + G.T @ h, b)
+            state = (x0, *start(x0), nu0, jnp.zeros((), jnp.int32))
+            x, s, lam, nu, k = jax.lax.while_loop(keep_going, make_step(factorize, resolve), state)
+            return (*self._polish(data, x, s, lam, nu, tol), k)
+
+        def dual_path(chol_q: jax.Array) -> tuple:
+            """Q = LLᵀ factorized once; each iteration then factorizes the (p + m) dual
+            system ``(C Q⁻¹ Cᵀ + diag(0, s/λ)) y = C Q⁻¹ r₁ − (r₂, 0)`` (``C = [A; G]``,
+            ``dx = Q⁻¹(r₁ − Cᵀy)``, ``dν = y[:p]``), and polishes its new iterate (the
+            same system on the guessed active set, ``s/λ`` → 0 there and rows dropped
+            elsewhere). It stops at the first polished point that passes
+            ``info.converged``: the interior point itself, stopped at ``tol``, stalls
+            above the rounding floor of its ill-conditioned last systems, while the
+            polish of an early iterate with the right active set is exact."""
+            c = jnp.concatenate([A, G], axis=0)
+            # Explicit inverses of the triangular factors, each from one LAPACK call, and
+            # matrix products everywhere else: a batched LAPACK call costs ~0.1 ms per
+            # member here (jaxlib's per-matrix dispatch over the thread pool), 10-100× its
+            # arithmetic, and products cannot run beside a LAPACK call (see the class
+            # docstring). The polish's refinement step makes up for the inverses' rounding.
+            l_inv = _inverse(chol_q)
+            v = l_inv @ c.T  # L⁻¹Cᵀ
+            w_q = l_inv @ q
+            gram = v.T @ v  # C Q⁻¹ Cᵀ
+            dual_shift = 1e-13 * jnp.maximum(jnp.max(jnp.diag(gram)), 1e-300)
+            eq_zeros = jnp.zeros((p,), dtype)
+
+            def solve(k_inv: jax.Array, v_: jax.Array, u: jax.Array, a2: jax.Array):
+                """``[[Q, C_ᵀ], [C_, −E]] [x; y] = [a₁; a₂]`` from ``u = L⁻¹a₁`` and the
+                inverse ``K`` of the Cholesky factor of ``S = V_ᵀV_ + E`` (``V_ = L⁻¹C_ᵀ``,
+                ``S⁻¹ = KᵀK``)."""
+                y = k_inv.T @ (k_inv @ (v_.T @ u - a2))
+                return l_inv.T @ (u - v_ @ y), y
+
+            def factorize_dual(d: jax.Array, r1: jax.Array, r2: jax.Array) -> tuple:
+                return factorize_u(1.0 / d, l_inv @ r1, r2)
+
+            def factorize_u(e: jax.Array, u: jax.Array, r2: jax.Array) -> tuple:
+                diag = jnp.concatenate([eq_zeros, e]) + dual_shift
+                k_inv = _inverse(jnp.linalg.cholesky(gram + jnp.diag(diag)))
+                x, y = solve(k_inv, v, u, jnp.concatenate([r2, jnp.zeros((m,), dtype)]))
+                return k_inv, (x, y[:p])
+
+            def resolve_dual(k_inv: jax.Array, r1: jax.Array, r2: jax.Array) -> tuple:
+                x, y = solve(k_inv, v, l_inv @ r1, jnp.concatenate([r2, jnp.zeros((m,), dtype)]))
+                return x, y[:p]
+
+            def polish(x: jax.Array, s: jax.Array, lam: jax.Array, nu: jax.Array) -> tuple:
+                """As :meth:`InteriorPoint._polish`, from the factors at hand, with one
+                step of iterative refinement (which also removes the shift's bias)."""
+                rows = jnp.concatenate([jnp.ones((p,), dtype), (lam > s).astype(dtype)])
+                v_a = v * rows
+                schur = gram * rows[:, None] * rows + jnp.diag(1.0 - rows + dual_shift)
+                k_inv = _inverse(jnp.linalg.cholesky(schur))
+                a2 = rows * jnp.concatenate([b, h])
+                c_a = c * rows[:, None]
+                x_p, y = solve(k_inv, v_a, -w_q, a2)
+                r_x = Q @ x_p + q + c_a.T @ y
+                r_y = c_a @ x_p - (1.0 - rows) * y - a2
+                dx, dy = solve(k_inv, v_a, l_inv @ (-r_x), -r_y)
+                x_p, y = x_p + dx, y + dy
+                nu_p, lam_p = y[:p], y[p:]
+                scale = jnp.maximum(1.0, jnp.max(jnp.abs(jnp.concatenate([x_p, y]))))
+                ok = (
+                    jnp.all(jnp.isfinite(x_p))
+                    & jnp.all(jnp.isfinite(y))
+                    & (jnp.min(lam_p, initial=0.0) >= -tol * scale)
+                    & (jnp.max(G @ x_p - h, initial=0.0) <= tol * scale)
+                )
+                lam_p = jnp.maximum(lam_p, 0.0)
+                pick = functools.partial(jnp.where, ok)
+                return (pick(x_p, x), pick(nu_p, nu), pick(lam_p, lam)), ok
+
+            ipm_step = make_step(factorize_dual, resolve_dual)
+
+            def body(state: tuple) -> tuple:
+                iterate = ipm_step(state[0])
+                x, s, lam, nu, k = iterate
+                out, ok = polish(x, s, lam, nu)
+                finished = (ok & accepted(*out)) | (k >= self.max_iter) | done(iterate)
+                return iterate, out, finished
+
+            _, (x0, nu0) = factorize_u(jnp.ones((m,), dtype), -w_q + v[:, p:] @ h, b)
+            lam0 = jnp.ones((m,), dtype)
+            state = (
+                (x0, *start(x0), nu0, jnp.zeros((), jnp.int32)),
+                (x0, nu0, lam0),
+                jnp.zeros((), bool),
+            )
+            iterate, out, _ = jax.lax.while_loop(lambda st: ~st[2], body, state)
+            return (*out, iterate[4])
+
         if m == 0:
             # No inequality: one Newton solve is exact.
-            state = (x0, s0, lam0, nu0, jnp.ones((), jnp.int32))
+            _, (x, nu) = factorize(jnp.ones((m,), dtype), -q + G.T @ h, b)
+            lam, k = jnp.ones((m,), dtype), jnp.ones((), jnp.int32)
         else:
-            state = jax.lax.while_loop(keep_going, step, state)
-        x, s, lam, nu, k = state
-        if m:
-            x, nu, lam = self._polish(data, x, s, lam, nu, tol)
+            # A positive definite Q (its Cholesky pivots within 1e-9 of each other,
+            # squared) takes the dual path (``dual_path``: Q factorized once, (p + m)
+            # systems per iteration); otherwise every member of the batch takes this
+            # module's primal path (n × n systems; Q semidefinite, an LP).
+            chol_q = jnp.linalg.cholesky(Q)
+            pivots = jnp.abs(jnp.diag(chol_q))
+            ratio = (jnp.min(pivots) / jnp.maximum(jnp.max(pivots), 1e-300)) ** 2
+            definite = jnp.all(jnp.isfinite(chol_q)) & (ratio >= 1e-9)
+            x, nu, lam, k = jax.lax.cond(
+                eqxi.unvmap_all(definite),
+                dual_path,
+                primal_path,
+                chol_q,
+            )
         primal, dual, gap = qp_residuals(data, x, nu, lam)
-        x_scale = jnp.maximum(1.0, jnp.max(jnp.abs(x), initial=0.0))
-        lam_scale = jnp.maximum(1.0, jnp.max(lam, initial=0.0))
-        converged = (
-            (primal <= tol * scale_p)
-            & (dual <= tol * scale_q)
-            & (gap * max(m, 1) <= gap_tol * x_scale * lam_scale)
-        )
-        return x, nu, lam, QPInfo(converged, k, primal, dual, gap)
+        return x, nu, lam, QPInfo(accepted(x, nu, lam), k, primal, dual, gap)
 
     @staticmethod
     def _polish(
@@ -246,3 +372,9 @@ class InteriorPoint:
 
 def _cho_solve(chol: jax.Array, rhs: jax.Array) -> jax.Array:
     return jax.scipy.linalg.cho_solve((chol, True), rhs)
+
+
+def _inverse(chol: jax.Array) -> jax.Array:
+    """``L⁻¹`` of a lower-triangular ``L`` (one triangular solve with the identity)."""
+    eye = jnp.eye(chol.shape[0], dtype=chol.dtype)
+    return jax.lax.linalg.triangular_solve(chol, eye, left_side=True, lower=True)

@@ -10,7 +10,11 @@ The forward solve is a primal-dual interior-point method written in JAX
 ``jax.pure_callback`` (:class:`Clarabel`, :class:`OSQP`). Either way the derivative is
 dargmin's: the KKT system at the solution on its active set (:mod:`._kkt`), never the
 unrolled iterations, with the KKT check (feasibility, stationarity, multipliers,
-degenerate constraints, LICQ) before it.
+degenerate constraints, LICQ) before it. With the default ``linear_solver="lu"`` that
+system is solved by the QP's own factorization (:mod:`._qp_derivative`: one Cholesky
+chain, products for the tangents, no LAPACK call in the reverse pass); another linear
+solver (``"lstsq"`` for redundant equalities, iterative ones) takes the generic route of
+:func:`.kkt_solution`.
 
 The pieces: the types in :mod:`._qp_types`, :class:`InteriorPoint` in
 :mod:`._interior_point`, the external solvers in :mod:`._external`; this module holds the
@@ -30,6 +34,7 @@ import lineax as lx
 from dargmin.constrained._derivative import kkt_solution
 from dargmin.constrained._external import OSQP, Clarabel, _external_call
 from dargmin.constrained._interior_point import InteriorPoint
+from dargmin.constrained._qp_derivative import qp_duals_and_mask, qp_kkt_solution
 from dargmin.constrained._qp_types import QPData, QPInfo, QPSolution, QPSolver, qp_residuals
 from dargmin.constrained._settings import (
     ConstrainedProblem,
@@ -40,7 +45,7 @@ from dargmin.constrained._settings import (
 )
 from dargmin.diagnostics import Check, CheckMode
 from dargmin.errors import DargminError
-from dargmin.linear_solvers import LinearSolver, as_linear_solver
+from dargmin.linear_solvers import LU, LinearSolver, as_linear_solver
 
 __all__ = [
     "OSQP",
@@ -84,11 +89,17 @@ class _QPConfig:
 def _solve_one(config: _QPConfig, Q, q, A, b, G, h) -> QPSolution:
     frozen = jax.lax.stop_gradient
     x, nu, lam, info = config.solver(*frozen((Q, q, A, b, G, h)))
-    sol = kkt_solution(
-        QP_PROBLEM, x, Q, q, A, b, G, h, eq_dual=nu, ineq_dual=lam, settings=config.settings
-    )
+    info = jax.tree_util.tree_map(frozen, info)
+    args = (Q, q, A, b, G, h)
+    if isinstance(config.settings.linear_solver, LU):
+        # The default: the QP's own derivative (one Cholesky chain, see _qp_derivative).
+        nu, lam, mask = qp_duals_and_mask(config.settings, frozen(x), nu, lam, frozen(args))
+        x, nu, lam = qp_kkt_solution(config.settings, frozen((x, nu, lam)), mask, args)
+        return QPSolution(x, nu, lam, info)
+    # Another linear solver (lstsq for redundant equalities, iterative): the generic route.
+    sol = kkt_solution(QP_PROBLEM, x, *args, eq_dual=nu, ineq_dual=lam, settings=config.settings)
     assert sol.eq_dual is not None and sol.ineq_dual is not None  # filled by kkt_solution
-    return QPSolution(sol.x, sol.eq_dual, sol.ineq_dual, jax.tree_util.tree_map(frozen, info))
+    return QPSolution(sol.x, sol.eq_dual, sol.ineq_dual, info)
 
 
 def solve_qp(
@@ -139,7 +150,10 @@ def solve_qp(
         :class:`QPSolver`.
     degenerate, linear_solver, check
         As in :func:`constrained_argmin` (``linear_solver="lstsq"`` accepts redundant
-        equalities).
+        equalities). With ``"lu"`` (default) the KKT system is factorized by Cholesky
+        after an augmented-Lagrangian shift (exact; see :mod:`._qp_derivative`), and a
+        singular one (Q not positive definite on the null space of the active
+        constraints) is refused with its pivot ratio.
 
     Examples
     --------

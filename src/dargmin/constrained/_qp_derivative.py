@@ -1,0 +1,214 @@
+r"""The QP layer's own KKT derivative: one Cholesky chain, shared by every tangent.
+
+For ``min ½xᵀQx + qᵀx s.t. Ax = b, Gx ≤ h`` at ``(x, ν, λ)`` with active set
+:math:`\mathcal A`, write :math:`C = [A; G_\mathcal A]` (inactive rows of ``G`` zeroed) and
+:math:`y = (\nu, \lambda)`. The tangent solves the KKT system of :mod:`._kkt`
+
+.. math::
+
+    \begin{pmatrix} Q & C^\top \\ C & 0 \end{pmatrix}
+    \begin{pmatrix} \dot x \\ \dot y \end{pmatrix} = \begin{pmatrix} a_1 \\ a_2 \end{pmatrix},
+    \quad a_1 = -(\dot Q x + \dot q + \dot A^\top \nu + \dot G_\mathcal A^\top
+    \lambda_\mathcal A), \quad a_2 = -\begin{pmatrix} \dot A x - \dot b \\
+    \dot G_\mathcal A x - \dot h_\mathcal A \end{pmatrix},
+
+with :math:`\dot\lambda_i = 0` off the active set. Adding :math:`\rho C^\top` times the
+second row to the first (an augmented Lagrangian: the solution is unchanged) makes the
+leading block :math:`P = Q + \rho C^\top C` positive definite exactly when the KKT matrix is
+invertible with a minimum there (second-order sufficiency on the null space of ``C``), even
+for a semidefinite ``Q`` or an LP. Then, with :math:`P = LL^\top`, :math:`V = L^{-1}C^\top`
+and the Schur complement :math:`S = V^\top V` (identity on inactive rows),
+
+.. math::
+
+    S \dot y = V^\top L^{-1}(a_1 + \rho C^\top a_2) - a_2, \qquad
+    \dot x = L^{-\top}\bigl(L^{-1}(a_1 + \rho C^\top a_2) - V \dot y\bigr).
+
+Why not :func:`dargmin.implicit.implicit_solution`, as :func:`.kkt_solution` does: that
+route builds and LU-factorizes the full ``(n + p + m)`` KKT matrix and, beside it, runs its
+own condition check, two independent batched LAPACK calls. jaxlib 0.10's batched LAPACK
+kernels split a batch over XLA's CPU thread pool and block a pool thread until the pieces
+finish, so two of them running at once can deadlock the pool (seen on 2 cores at n = 100,
+batch 128). Here every LAPACK call of the derivative (the KKT check's SVD, ``chol(P)``,
+``L⁻¹``, ``chol(S)``, ``K = chol(S)⁻¹``) depends on the one before: a single chain, never
+two at once; the tangents are matrix products with ``L⁻¹``, ``V`` and ``K`` (no LAPACK
+call in the reverse pass). The factors are computed once per call and serve every
+tangent (``jax.jacfwd`` columns, the batch).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import equinox.internal as eqxi
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dargmin.constrained._interior_point import _inverse
+from dargmin.constrained._measure import _Pieces, duals_and_mask
+from dargmin.constrained._settings import KKTSettings
+from dargmin.constrained._verdict import kkt_report
+from dargmin.errors import DargminError, SingularSystemError
+from dargmin.verdict import refuse_or_warn
+
+
+class _Factors(NamedTuple):
+    """The factors of the augmented KKT system of one QP (see the module docstring)."""
+
+    chol: jax.Array  # L, P = Q + ρCᵀC = LLᵀ
+    l_inv: jax.Array  # L⁻¹
+    v: jax.Array  # V = L⁻¹Cᵀ, (n, p + m)
+    schur_chol: jax.Array  # chol(VᵀV + diag(1 − active rows))
+    k_inv: jax.Array  # its inverse K: S⁻¹ = KᵀK
+    c: jax.Array  # C = [A; mask·G]
+    rho: jax.Array
+
+
+def qp_duals_and_mask(
+    settings: KKTSettings, x: jax.Array, nu: jax.Array, lam: jax.Array, args: tuple
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(ν, λ, mask)`` as :func:`.duals_and_mask` decides them, from the QP's data (its
+    Jacobians are ``A`` and ``G``: no autodiff needed)."""
+    Q, q, A, b, G, h = args
+    grad_f = 0.5 * (Q + Q.T) @ x + q
+    pieces = _Pieces(grad_f, A @ x - b, G @ x - h, A, G, x)
+    tolerances = settings.check.tolerances(x.dtype)
+    return duals_and_mask(pieces, nu, lam, tolerances, settings.degenerate)
+
+
+def _factorize(mask: jax.Array, args: tuple, after: jax.Array) -> _Factors:
+    """The factors of the active-set KKT matrix; ``after`` (a zero scalar) is the KKT
+    check's result, added so that these LAPACK calls run after the check's SVD."""
+    Q, _, A, _, G, _ = args
+    dtype = Q.dtype
+    Qs = 0.5 * (Q + Q.T) + after
+    c = jnp.concatenate([A, mask[:, None] * G], axis=0)
+    rows = jnp.concatenate([jnp.ones((A.shape[0],), dtype), mask])
+    # ρ brings CᵀC to Q's scale (an LP, Q = 0, takes CᵀC's own).
+    c_scale = jnp.max(jnp.sum(c * c, axis=1), initial=0.0)
+    c_scale = jnp.where(c_scale > 0, c_scale, 1.0)
+    q_scale = jnp.max(jnp.abs(jnp.diag(Qs)), initial=0.0)
+    rho = jnp.where(q_scale > 0, q_scale, c_scale) / c_scale
+    chol = jnp.linalg.cholesky(Qs + rho * (c.T @ c))
+    # Explicit inverses of the two triangular factors (one LAPACK call each, in a chain)
+    # and matrix products for everything else, the tangents included: a batched LAPACK
+    # call costs ~0.05-0.1 ms per member (jaxlib's per-matrix dispatch), and the reverse
+    # pass then holds no LAPACK call at all.
+    l_inv = _inverse(chol)
+    v = l_inv @ c.T
+    schur_chol = jnp.linalg.cholesky(v.T @ v + jnp.diag(1.0 - rows))
+    return _Factors(chol, l_inv, v, schur_chol, _inverse(schur_chol), c, rho)
+
+
+def _pivot_ratio(factors: _Factors) -> jax.Array:
+    """``min over both factors of (smallest/largest Cholesky pivot)²``: an estimate, from
+    below, of the inverse condition number (NaN where a factorization failed)."""
+
+    def ratio(chol: jax.Array) -> jax.Array:
+        d = jnp.abs(jnp.diag(chol))
+        if not d.size:
+            return jnp.ones((), chol.dtype)
+        return (jnp.min(d) / jnp.maximum(jnp.max(d), 1e-300)) ** 2
+
+    return jnp.minimum(ratio(factors.chol), ratio(factors.schur_chol))
+
+
+def _judge_factors(ratio: np.ndarray, *, limit: float, mode: str, kind: str, dtype) -> np.ndarray:
+    """Host side: refuse (or warn about) the members whose KKT factorization failed."""
+    ratio = np.asarray(ratio, dtype=float)
+    failing: list[tuple[int, list[tuple[type[DargminError], str, str]]]] = []
+    for i, r in enumerate(ratio.ravel()):
+        if not (np.isfinite(r) and r >= limit):
+            shown = "failed (not positive definite)" if not np.isfinite(r) else f"{r:.3g}"
+            failing.append(
+                (
+                    i,
+                    [
+                        (
+                            SingularSystemError,
+                            "singular",
+                            "the KKT matrix of the active set is singular or nearly so: the "
+                            "Cholesky factorization of Q + ρCᵀC and of its Schur complement "
+                            f"(C the equalities and active inequalities) gives a squared "
+                            f"pivot ratio of {shown}, below 1/max_condition = {limit:.1g}. Q "
+                            "is not positive definite on the null space of the active "
+                            "constraints (second-order sufficiency fails), so the solution "
+                            "is not a locally unique function of the data.",
+                        )
+                    ],
+                )
+            )
+    return refuse_or_warn(failing, np.zeros(ratio.shape, dtype=dtype), kind=kind, mode=mode)
+
+
+def _checked(factors: _Factors, settings: KKTSettings) -> _Factors:
+    """The factors, after a host-side refusal when some batch member's are unusable (only
+    then is the host called). A failed factorization is reported in every check mode."""
+    dtype = factors.chol.dtype
+    _, max_condition = settings.check.core.tolerances(dtype)
+    ratio = _pivot_ratio(factors)
+    limit = 1.0 / max_condition
+    suspicious = ~(jnp.isfinite(ratio) & (ratio >= limit))
+    if settings.check.mode == "ignore":
+        suspicious = ~jnp.isfinite(ratio)
+    mode = "raise" if settings.check.mode == "ignore" else settings.check.mode
+    host = functools.partial(
+        _judge_factors, limit=limit, mode=mode, kind=settings.kind, dtype=np.dtype(dtype)
+    )
+
+    def call_host(r: jax.Array) -> jax.Array:
+        return jax.pure_callback(
+            host, jax.ShapeDtypeStruct((), dtype), r, vmap_method="expand_dims"
+        )
+
+    verified = jax.lax.cond(
+        eqxi.unvmap_any(suspicious), call_host, lambda r: jnp.zeros((), dtype), ratio
+    )
+    # The tangents depend on the verdict (and so come after it).
+    return factors._replace(l_inv=factors.l_inv + verified)
+
+
+def _tangent(
+    factors: _Factors, z: tuple, mask: jax.Array, args: tuple, args_dot: tuple
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(ẋ, ν̇, λ̇)`` from the factors: linear in ``args_dot`` (so reverse mode is its
+    transpose: matrix products only)."""
+    x, nu, lam = z
+    Q_dot, q_dot, A_dot, b_dot, G_dot, h_dot = args_dot
+    p = A_dot.shape[0]
+    active_lam = mask * lam
+    a1 = -(0.5 * (Q_dot + Q_dot.T) @ x + q_dot + A_dot.T @ nu + G_dot.T @ active_lam)
+    a2 = -jnp.concatenate([A_dot @ x - b_dot, mask * (G_dot @ x - h_dot)])
+    _, l_inv, v, _, k_inv, c, rho = factors
+    u = l_inv @ (a1 + rho * (c.T @ a2))
+    y_dot = k_inv.T @ (k_inv @ (v.T @ u - a2))
+    x_dot = l_inv.T @ (u - v @ y_dot)
+    return x_dot, y_dot[:p], y_dot[p:]
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def qp_kkt_solution(settings: KKTSettings, z: tuple, mask: jax.Array, args: tuple) -> tuple:
+    """``z = (x, ν, λ)`` of the QP ``args = (Q, q, A, b, G, h)``, with its KKT derivative
+    on the active set ``mask`` (see the module docstring), after the KKT check."""
+    return z
+
+
+@qp_kkt_solution.defjvp
+def _qp_kkt_solution_jvp(settings: KKTSettings, primals: tuple, tangents: tuple) -> tuple:
+    z, mask, args = primals
+    args_dot = tangents[2]
+    frozen = jax.lax.stop_gradient
+    after = jnp.zeros((), args[0].dtype)
+    if settings.check.mode != "ignore":
+        from dargmin.constrained._qp import QP_PROBLEM  # the QP's parts, for the check
+
+        after = kkt_report(
+            QP_PROBLEM.parts, frozen(z), frozen(mask), frozen(args), settings, recovered=False
+        )
+    factors = _checked(_factorize(frozen(mask), args, after), settings)
+    # Re-entry: the primal output is this rule's own function, so that a second
+    # derivative sees z move with the data (the active set frozen).
+    z_out = qp_kkt_solution(settings, z, mask, args)
+    return z_out, _tangent(factors, z_out, mask, args, args_dot)
