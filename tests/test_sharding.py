@@ -8,10 +8,7 @@ matrix, 512 × 12) are row-sharded over the 8 devices.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,13 +17,8 @@ WORKER = Path(__file__).parent / "workers" / "sharded_checks.py"
 
 
 @pytest.fixture(scope="module")
-def sharded() -> dict:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    run = subprocess.run(
-        [sys.executable, str(WORKER)], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    return json.loads(run.stdout)
+def sharded(run_worker: Callable[..., dict]) -> dict:
+    return run_worker(WORKER, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
 
 
 def test_runs_on_eight_devices(sharded: dict) -> None:
@@ -73,3 +65,84 @@ def test_hyperparameter_candidates_spread_over_devices(sharded: dict) -> None:
     candidates = sharded["candidates"]
     assert candidates["sharding"] == "P('rows',)"
     np.testing.assert_allclose(candidates["on_devices"], candidates["one_by_one"], rtol=1e-10)
+
+
+# dargmin.sensitivity on row-sharded data (tests/workers/sharded_sensitivity.py): an L2
+# logistic regression, 1024 × 4, rows over 8 devices; results against NumPy closed forms.
+SENSITIVITY_WORKER = Path(__file__).parent / "workers" / "sharded_sensitivity.py"
+SENSITIVITY_CHECKS = [
+    "influence_on_params",
+    "influence_on_function_cg",
+    "leave_one_out_newton",
+    "leave_one_out_cg",
+]
+
+
+@pytest.fixture(scope="module")
+def sensitivity_sharded(run_worker: Callable[..., dict]) -> dict:
+    # the worker sets its own device count before JAX starts
+    return run_worker(SENSITIVITY_WORKER)
+
+
+@pytest.mark.parametrize("name", SENSITIVITY_CHECKS)
+def test_sensitivity_sharded_equals_closed_form(sensitivity_sharded: dict, name: str) -> None:
+    result = sensitivity_sharded[name]
+    assert sensitivity_sharded["devices"] == 8
+    assert result["relative_difference"] < 1e-10
+    # per-example results stay where their rows are
+    assert result["sharding"] == "P('rows',)"
+
+
+def test_sensitivity_unsharded_equals_closed_form(sensitivity_sharded: dict) -> None:
+    # with the test above: sharded and unsharded agree to 1e-10
+    assert sensitivity_sharded["influence_on_params"]["unsharded_difference"] < 1e-10
+
+
+@pytest.mark.parametrize("name", SENSITIVITY_CHECKS)
+def test_sensitivity_moves_no_data(sensitivity_sharded: dict, name: str) -> None:
+    result = sensitivity_sharded[name]
+    rows = sensitivity_sharded["rows"]
+    # no collective in any program it compiled moves n values or more ...
+    assert result["collectives"] == []
+    # ... and nothing row-sized reaches the host (the p × p Hessian of the stationarity
+    # check, 16 values, and the 16 × 4 test inputs are the largest)
+    assert result["largest_host_transfer"] < rows
+    # the detectors see a program that gathers and an array brought to the host
+    assert sensitivity_sharded["control"]["collectives"] > 0
+    assert sensitivity_sharded["control"]["largest_host_transfer"] == rows * 4
+
+
+def test_sensitivity_refusals_fire_on_sharded_data(sensitivity_sharded: dict) -> None:
+    refusals = sensitivity_sharded["refusals"]
+    assert refusals["not_converged"] == ["NonStationaryPointError", "not_stationary"]
+    kind, reason, message = refusals["nan_row"]
+    assert (kind, reason) == ("NonStationaryPointError", "nonfinite")
+    # the example is named, found where its row is: no gather, no row-sized transfer
+    assert "1 of 1024 examples (first: [700])" in message
+    assert refusals["nan_row_collectives"] == []
+    assert refusals["nan_row_largest_host_transfer"] < sensitivity_sharded["rows"]
+
+
+# dargmin.influence with a loader of row-sharded batches (tests/workers/sharded_influence.py):
+# a 67-parameter MLP, 2 batches of 256 rows, each split over the 8 devices.
+INFLUENCE_WORKER = Path(__file__).parent / "workers" / "sharded_influence.py"
+
+
+@pytest.fixture(scope="module")
+def influence_sharded(run_worker: Callable[..., dict]) -> dict:
+    return run_worker(INFLUENCE_WORKER)
+
+
+@pytest.mark.parametrize("method", ["exact", "arnoldi"])
+def test_influence_scores_on_sharded_batches(influence_sharded: dict, method: str) -> None:
+    result = influence_sharded[method]
+    assert influence_sharded["devices"] == 8
+    assert result["finite"]
+    assert result["relative_difference"] < 1e-10
+    assert result["shape"] == [512, 5]
+    assert result["sharding"] == "P('rows',)"
+    # No batch (x: (256, 4), y: (256,)) crosses devices or reaches the host; the only
+    # row-indexed collective allowed is the (256, 5) block of scores that concatenating the
+    # batches' blocks into one (512, 5) array redistributes.
+    assert set(result["moved_shapes"]) <= {"256,5"}
+    assert result["host_row_indexed"] == []

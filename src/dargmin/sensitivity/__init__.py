@@ -38,6 +38,13 @@ that names the leaves and examples holding them (``[reason: nonfinite]``), never
 result. pandas ``DataFrame`` / ``Series`` leaves of ``data`` are converted with
 ``.to_numpy()`` (non-numeric columns are refused).
 
+``data`` may be row-sharded over several devices (``jax.device_put`` with a
+``NamedSharding`` that splits the example axis): the Hessian and the gradients' sums are
+reduced across the devices, per-example results come back sharded like the data, and neither
+the data nor anything with one entry per example is gathered onto one device or brought to
+the host — only scalars, a few example indices for error messages, and the ``p × p`` Hessian
+of the stationarity check (tested on 8 simulated devices in ``tests/test_sharding.py``).
+
 The compiled code is cached per ``loss`` / ``regularizer`` and holds them only weakly: a
 loss that the caller drops is garbage-collected together with its compiled code.
 """

@@ -28,6 +28,7 @@ from dargmin.sensitivity._inputs import (
     CheckMode,
     PyTree,
     _as_arrays,
+    _first_rows,
     _nonfinite_leaves,
     _num_examples,
     _refusal,
@@ -51,12 +52,13 @@ def _raise_if_nonfinite(
     """
     flat, unravel = ravel_pytree(params)
     problems = []
-    gradients = np.asarray(kernels.example_gradients(params, data))
-    bad = np.flatnonzero(~np.all(np.isfinite(gradients), axis=1))
-    if bad.size:
+    gradients = kernels.example_gradients(params, data)
+    # Counted where the gradients are (row-sharded with the data): only integers come back.
+    bad, first = _first_rows(~jnp.all(jnp.isfinite(gradients), axis=1))
+    if bad:
         problems.append(
-            f"the gradient of the loss is not finite for {bad.size} of {gradients.shape[0]} "
-            f"examples (first: {bad[:5].tolist()})"
+            f"the gradient of the loss is not finite for {bad} of {gradients.shape[0]} "
+            f"examples (first: {first})"
         )
     regularizer = kernels.regularizer
     reg_bad = 0
@@ -72,7 +74,7 @@ def _raise_if_nonfinite(
     if hessian is None and flat.size <= DENSE_MAX_SIZE:
         hessian = kernels.total_hessian(params, data)
     if hessian is not None:
-        count = int(np.count_nonzero(~np.isfinite(np.asarray(hessian))))
+        count = int(jnp.sum(~jnp.isfinite(hessian)))
         if count:
             problems.append(
                 f"the Hessian of the objective has {count} non-finite "
@@ -96,9 +98,9 @@ def _raise_if_nonfinite(
             + ". Remove or impute them (or fix the fit that produced these params)."
         )
     else:
-        if reg_bad and not bad.size:
+        if reg_bad and not bad:
             culprit = "the regularizer"
-        elif (bad.size and not reg_bad) or regularizer is None:
+        elif (bad and not reg_bad) or regularizer is None:
             culprit = "the loss"
         else:
             culprit = "the loss or the regularizer"

@@ -7,33 +7,49 @@ batched over the right-hand sides. A failed solve is traced to its cause and ref
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from dargmin.diagnostics import (
     SingularSystemError,
 )
 from dargmin.linear_solvers import DENSE_MAX_SIZE
 from dargmin.sensitivity._checks import _raise_if_nonfinite
-from dargmin.sensitivity._inputs import PyTree, _refusal
-from dargmin.sensitivity._kernels import _Kernels
+from dargmin.sensitivity._inputs import PyTree, _first_rows, _refusal
+from dargmin.sensitivity._kernels import _Kernels, _row_layout
+
+# Right-hand sides solved together by one batched CG loop when they are row-sharded (each
+# batch is spread over the devices; see _kernels._map_examples). Unsharded: all at once.
+_CG_BATCH = 128
 
 
-@jax.jit
-def _cholesky_solve(hessian: jax.Array, rhs: jax.Array) -> jax.Array:
-    """Solve ``H X = B`` for all columns of ``B`` with one Cholesky factorization.
+@functools.partial(jax.jit, static_argnums=(2,))
+def _dense_solve(hessian: jax.Array, rhs: jax.Array, method: str) -> jax.Array:
+    """``H⁻¹ b_j`` for every row ``b_j`` of ``rhs``: ``rhs @ H⁻¹`` with ``H⁻¹`` from one
+    Cholesky (or LU) factorization.
 
-    Non-finite entries in the result mean that ``H`` is not positive definite.
+    The inverse (``p × p``) is formed and applied by a product rather than by triangular
+    solves with ``n`` right-hand-side columns: XLA's partitioner has no rule for a sharded
+    triangular solve and gathers row-sharded right-hand sides onto every device (measured),
+    while the product stays on each device's rows. Non-finite entries in the result mean
+    that ``H`` is not positive definite (Cholesky) or singular (LU).
     """
-    return jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(hessian, lower=True), rhs)
+    eye = jnp.eye(hessian.shape[0], dtype=hessian.dtype)
+    if method == "cholesky":
+        inverse = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(hessian, lower=True), eye)
+        inverse = 0.5 * (inverse + inverse.T)
+    else:
+        inverse = jax.scipy.linalg.lu_solve(jax.scipy.linalg.lu_factor(hessian), eye)
+    return rhs @ inverse.T
 
 
 @jax.jit
-def _lu_solve(hessian: jax.Array, rhs: jax.Array) -> jax.Array:
-    return jax.scipy.linalg.lu_solve(jax.scipy.linalg.lu_factor(hessian), rhs)
+def _rows_not_finite(values: jax.Array) -> jax.Array:
+    """Per row of a 2-D array: does it hold NaN/inf (computed where the rows are)."""
+    return ~jnp.all(jnp.isfinite(values), axis=1)
 
 
 def _default_rtol(dtype: Any) -> float:
@@ -73,38 +89,40 @@ def _solve_hessian(
     method = _resolve_solver(linear_solver, size)
     if method in ("cholesky", "lu"):
         hessian = kernels.total_hessian(params, data)
-        solution = _cholesky_solve(hessian, rhs.T) if method == "cholesky" else None
+        solution = _dense_solve(hessian, rhs, "cholesky") if method == "cholesky" else None
         if solution is None or not bool(jnp.all(jnp.isfinite(solution))):
             # Cholesky failed (H not positive definite: a saddle accepted with
             # check="warn"/"ignore"): LU only needs H non-singular. Decided here rather
             # than with lax.cond so that the common case never compiles the LU branch.
-            solution = _lu_solve(hessian, rhs.T)
+            solution = _dense_solve(hessian, rhs, "lu")
         if not bool(jnp.all(jnp.isfinite(solution))):
             _raise_if_nonfinite(kernels, params, data, caller=caller, hessian=hessian)
-            spectrum = np.linalg.eigvalsh(np.asarray(hessian))
+            spectrum = jnp.linalg.eigvalsh(hessian)  # on the device: two scalars come back
             raise _refusal(
                 SingularSystemError,
                 "singular",
                 f"dargmin.sensitivity.{caller}: solving with the Hessian gave non-finite "
-                f"values: its eigenvalues lie in [{spectrum[0]:.3g}, {spectrum[-1]:.3g}], so "
-                "it is singular. Add a regularizer (e.g. a small ridge term).",
+                f"values: its eigenvalues lie in [{float(spectrum[0]):.3g}, "
+                f"{float(spectrum[-1]):.3g}], so it is singular. Add a regularizer (e.g. a "
+                "small ridge term).",
             )
-        return solution.T
+        return solution
     rtol = float(rtol) if rtol is not None else _default_rtol(rhs.dtype)
     max_steps = max_steps if max_steps is not None else max(10 * size, 100)
-    solution, converged = kernels.solve_cg_batch(params, data, rhs, max_steps, rtol)
+    layout = _row_layout(rhs, _CG_BATCH, whole_if_unsharded=True)
+    solution, converged = kernels.solve_cg_batch(params, data, rhs, max_steps, rtol, layout)
     # CG can stop at once, "converged", on a NaN right-hand side (a NaN residual norm is
-    # not above the tolerance): check the inputs and the outputs.
-    finite = np.all(np.isfinite(rhs), axis=1) & np.all(np.isfinite(solution), axis=1)
-    failed = np.flatnonzero(~(np.asarray(converged) & finite))
-    if failed.size:
+    # not above the tolerance): check the inputs and the outputs. Only the count and the
+    # first failed rows leave the devices.
+    count, first = _first_rows(_rows_not_finite(rhs) | _rows_not_finite(solution) | ~converged)
+    if count:
         _raise_if_nonfinite(kernels, params, data, caller=caller)
         raise _refusal(
             SingularSystemError,
             "singular",
             f"dargmin.sensitivity.{caller}: conjugate gradients on the Hessian did not reach "
-            f"rtol={rtol:.2g} within max_steps={max_steps} for {failed.size} of "
-            f"{converged.shape[0]} right-hand sides (first: {failed[:5].tolist()}): the "
+            f"rtol={rtol:.2g} within max_steps={max_steps} for {count} of "
+            f"{converged.shape[0]} right-hand sides (first: {first}): the "
             "Hessian is ill-conditioned or not positive definite. Raise max_steps, add a "
             "regularizer, or use linear_solver='cholesky'.",
         )

@@ -8,6 +8,7 @@ refused with a message, before JAX would fail deep inside tracing.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -115,25 +116,73 @@ def _refusal(error: type[DargminError], reason: str, message: str) -> DargminErr
     return exception
 
 
+@functools.partial(jax.jit, static_argnums=(1,))
+def _first_true(mask: jax.Array, shown: int) -> tuple[jax.Array, jax.Array]:
+    # `shown` successive minimum reductions rather than jnp.flatnonzero: XLA lowers
+    # flatnonzero of a row-sharded mask to an all-gather of the mask (measured); a minimum
+    # is a local reduction plus an all-reduce of one scalar.
+    n = mask.shape[0]
+    candidates = jnp.where(mask, jnp.arange(n), n)
+
+    def step(k: int, state: tuple[jax.Array, jax.Array]):
+        found, last = state
+        index = jnp.min(jnp.where(candidates > last, candidates, n))
+        return found.at[k].set(jnp.where(index < n, index, -1)), index
+
+    first, _ = jax.lax.fori_loop(0, shown, step, (jnp.full(shown, -1), jnp.asarray(-1)))
+    return jnp.sum(mask), first
+
+
+def _first_rows(mask: jax.Array, shown: int = 5) -> tuple[int, list[int]]:
+    """How many entries of the boolean vector ``mask`` are true, and the first ``shown``.
+
+    Computed where ``mask`` lives: on row-sharded data only these few integers come to the
+    host, never the mask (messages name examples without moving them).
+    """
+    count, first = _first_true(mask, shown)
+    return int(count), [int(i) for i in first.tolist() if i >= 0]
+
+
+@jax.jit
+def _leaf_counts(leaf: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Non-finite entries, NaNs among them, and per example (leading axis): any non-finite."""
+    bad = ~jnp.isfinite(leaf)
+    rows = bad.reshape(bad.shape[0], -1).any(axis=1) if bad.ndim else bad.reshape(1)
+    return jnp.sum(bad), jnp.sum(jnp.isnan(leaf)), rows
+
+
+def _leaf_counts_host(leaf: Any) -> tuple[Any, Any, Any]:
+    values = np.asarray(leaf)
+    bad = ~np.isfinite(values)
+    rows = bad.reshape(bad.shape[0], -1).any(axis=1) if bad.ndim else bad.reshape(1)
+    return np.count_nonzero(bad), np.count_nonzero(np.isnan(values)), rows
+
+
 def _nonfinite_leaves(tree: PyTree, name: str, per_example: bool) -> list[str]:
-    """One phrase per leaf of ``tree`` that holds NaN or inf: where, how many, which examples."""
+    """One phrase per leaf of ``tree`` that holds NaN or inf: where, how many, which examples.
+
+    Counted on the device that holds each leaf: only counts and example indices reach the
+    host, so a row-sharded leaf is never gathered to say where its NaNs are.
+    """
     phrases = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        values = np.asarray(leaf)
-        if not jnp.issubdtype(values.dtype, jnp.inexact):
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
             continue
-        bad = ~np.isfinite(values)
-        count = int(np.count_nonzero(bad))
+        # Host arrays are counted on the host (jnp.asarray could round float64 to float32
+        # and turn a huge finite value into inf); device arrays where they live.
+        counts = _leaf_counts if isinstance(leaf, jax.Array) else _leaf_counts_host
+        total, nans, rows = counts(leaf)
+        count, nans = int(total), int(nans)
         if not count:
             continue
-        nans = int(np.count_nonzero(np.isnan(values)))
+        size = int(np.prod(jnp.shape(leaf)))
         phrase = (
             f"{name}{jax.tree_util.keystr(path)} holds {count} non-finite value"
             f"{'s' if count > 1 else ''} ({nans} NaN, {count - nans} ±inf) among its "
-            f"{values.size} entries"
+            f"{size} entries"
         )
-        if per_example and values.ndim:
-            rows = np.flatnonzero(bad.reshape(values.shape[0], -1).any(axis=1))
-            phrase += f", in {rows.size} of {values.shape[0]} examples (first: {rows[:5].tolist()})"
+        if per_example and jnp.ndim(leaf):
+            n_bad, first = _first_rows(jnp.asarray(rows))
+            phrase += f", in {n_bad} of {jnp.shape(leaf)[0]} examples (first: {first})"
         phrases.append(phrase)
     return phrases

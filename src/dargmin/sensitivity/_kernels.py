@@ -61,10 +61,10 @@ class _Kernels:
         self.total_objective = jit(_total_objective)
         self.example_gradients = jit(_example_gradients)
         self.total_hessian = jit(_total_hessian)
-        self.solve_cg_batch = jit(_solve_cg_batch, static_argnums=(3, 4))
+        self.solve_cg_batch = jit(_solve_cg_batch, static_argnums=(3, 4, 5))
         self.newton_dense = jit(_newton_dense, static_argnums=(2,))
         self.newton_woodbury = jit(_newton_woodbury, static_argnums=(2, 3))
-        self.newton_cg = jit(_newton_cg, static_argnums=(2, 3))
+        self.newton_cg = jit(_newton_cg, static_argnums=(2, 3, 4))
 
 
 _KERNELS = _FunctionCache()  # loss -> _FunctionCache(regularizer -> _Kernels)
@@ -113,8 +113,13 @@ def _solve_cg_batch(
     rhs: jax.Array,
     max_steps: int,
     rtol: float,
+    layout: tuple[int, int],
 ):
-    """Solve ``H x_j = b_j`` for every row ``b_j`` of ``rhs`` by CG, never forming ``H``."""
+    """Solve ``H x_j = b_j`` for every row ``b_j`` of ``rhs`` by CG, never forming ``H``.
+
+    ``layout`` is :func:`_row_layout` of ``rhs``: on row-sharded right-hand sides the solves
+    run in chunks of rows spread over the devices (see :func:`_map_examples`).
+    """
     flat, _, _, objective = _flat_problem(loss, regularizer, params)
 
     def hvp(v: jax.Array) -> jax.Array:
@@ -126,22 +131,70 @@ def _solve_cg_batch(
 
     # vmap batches the right-hand sides through one CG loop: each iteration is one
     # batched Hessian-vector product instead of n separate ones.
-    return jax.vmap(solve_one)(rhs)
+    return _map_examples(solve_one, rhs, layout)
 
 
-def _map_examples(fn: Callable[[PyTree], PyTree], data: PyTree, batch_size: int) -> PyTree:
+def _row_layout(
+    tree: PyTree, batch_size: int, *, whole_if_unsharded: bool = False
+) -> tuple[int, int]:
+    """``(batch_size, shards)``: how many row blocks the leading axis of ``tree`` is split in.
+
+    Read on the host from the arrays' shardings (a traced value has none), and passed to the
+    kernels as a static argument. ``shards`` is 1 for NumPy arrays, replicated arrays and
+    shardings that do not split the rows evenly. ``whole_if_unsharded``: on unsharded rows,
+    one batch of all ``n`` (batched CG runs one loop for every right-hand side).
+    """
+    n = _num_examples(tree)
+    shards = 1
+    for leaf in jax.tree_util.tree_leaves(tree):
+        sharding = getattr(leaf, "sharding", None)
+        if sharding is None or not isinstance(leaf, jax.Array):
+            continue
+        rows = int(sharding.shard_shape(leaf.shape)[0])
+        if 0 < rows < n and n % rows == 0:
+            shards = max(shards, n // rows)
+    if shards == 1 and whole_if_unsharded:
+        return n, 1
+    return batch_size, shards
+
+
+def _map_examples(fn: Callable[[PyTree], PyTree], data: PyTree, layout: tuple[int, int]) -> PyTree:
     """``vmap`` of ``fn`` over the examples, in sequential batches when there are many.
 
-    A single ``vmap`` when everything fits one batch: ``lax.map(batch_size=...)`` would
-    compile a loop plus a remainder for nothing.
+    ``layout = (batch_size, shards)`` from :func:`_row_layout`. A single ``vmap`` when
+    everything fits one batch: ``lax.map(batch_size=...)`` would compile a loop plus a
+    remainder for nothing.
+
+    Row-sharded data (``shards > 1``) cannot be cut into consecutive batches: ``lax.map``
+    scans over its batch axis, and a scan over a sharded axis makes XLA gather the whole
+    array on every device (measured: an all-gather of the 512 rows). Instead each step
+    takes one row from each of ``w`` evenly spaced blocks, ``w`` a multiple of ``shards``
+    dividing ``n``: viewing the rows as a ``(w, n/w)`` grid whose first axis is the sharded
+    one, the loop runs over the second, so every device works on its own rows at every
+    step and the results come back in the rows' own order and sharding.
     """
-    if _num_examples(data) <= batch_size:
+    batch_size, shards = layout
+    n = _num_examples(data)
+    if n <= batch_size:
         return jax.vmap(fn)(data)
-    return jax.lax.map(fn, data, batch_size=batch_size)
+    if shards <= 1:
+        return jax.lax.map(fn, data, batch_size=batch_size)
+    # The widest multiple of `shards` dividing n, at most max(batch_size, shards).
+    width = max(w for w in range(shards, max(batch_size, shards) + 1, shards) if n % w == 0)
+    steps = n // width
+
+    def grid(leaf: jax.Array) -> jax.Array:  # row a·steps + b -> [b, a]
+        return jnp.swapaxes(leaf.reshape(width, steps, *leaf.shape[1:]), 0, 1)
+
+    def rows(leaf: jax.Array) -> jax.Array:  # the inverse of grid
+        return jnp.swapaxes(leaf, 0, 1).reshape(n, *leaf.shape[2:])
+
+    stepped = jax.lax.map(jax.vmap(fn), jax.tree_util.tree_map(grid, data))
+    return jax.tree_util.tree_map(rows, stepped)
 
 
 def _newton_dense(
-    loss: Loss, regularizer: Regularizer, params: PyTree, data: PyTree, batch_size: int
+    loss: Loss, regularizer: Regularizer, params: PyTree, data: PyTree, layout: tuple[int, int]
 ):
     """``(H - H_i)⁻¹ g_i`` for every ``i`` with per-example dense Hessians."""
     flat, _, example_loss, objective = _flat_problem(loss, regularizer, params)
@@ -155,7 +208,7 @@ def _newton_dense(
         return jnp.linalg.solve(hessian - h, g)
 
     # Batches keep only batch_size per-example Hessians (p² each) alive.
-    return _map_examples(one, data, batch_size)
+    return _map_examples(one, data, layout)
 
 
 def _newton_woodbury(
@@ -164,7 +217,7 @@ def _newton_woodbury(
     params: PyTree,
     data: PyTree,
     rank: int,
-    batch_size: int,
+    layout: tuple[int, int],
     key: jax.Array,
 ):
     """``(H - H_i)⁻¹ g_i`` by Sherman–Morrison–Woodbury from one factorization of ``H``.
@@ -181,7 +234,10 @@ def _newton_woodbury(
     """
     flat, _, example_loss, objective = _flat_problem(loss, regularizer, params)
     hessian = jax.hessian(objective)(flat, data)
-    factor = jax.scipy.linalg.cho_factor(hessian, lower=True)
+    # H⁻¹ formed once (p × p) and applied by products: a triangular solve batched over
+    # examples is one solve with n right-hand-side columns, which XLA's partitioner gathers
+    # onto every device when the examples are sharded (measured); a product stays local.
+    inverse = _cholesky_inverse(hessian)
     p = flat.size
     probes = jax.random.normal(key, (p, rank + 1), dtype=flat.dtype)
 
@@ -201,8 +257,8 @@ def _newton_woodbury(
         reconstructed = q @ (b @ (q.T @ spare))
         scale = jnp.linalg.norm(sketch[:, rank]) + jnp.finfo(flat.dtype).tiny
         mismatch = jnp.linalg.norm(sketch[:, rank] - reconstructed) / scale
-        u = jax.scipy.linalg.cho_solve(factor, g)
-        c = jax.scipy.linalg.cho_solve(factor, q)
+        u = inverse @ g
+        c = inverse @ q
         small = jnp.eye(rank, dtype=flat.dtype) - b @ (q.T @ c)
         step = u + c @ jnp.linalg.solve(small, b @ (q.T @ u))
         # An exactly zero H_i (e.g. a hinge-like flat loss) makes the mismatch 0/0-like:
@@ -210,7 +266,7 @@ def _newton_woodbury(
         mismatch = jnp.where(jnp.linalg.norm(sketch[:, rank]) == 0, 0.0, mismatch)
         return step, mismatch
 
-    return _map_examples(one, data, batch_size)
+    return _map_examples(one, data, layout)
 
 
 def _newton_cg(
@@ -220,6 +276,7 @@ def _newton_cg(
     data: PyTree,
     max_steps: int,
     rtol: float,
+    layout: tuple[int, int],
 ):
     """``(H - H_i)⁻¹ g_i`` by CG on ``v ↦ Hv - H_i v``, batched over examples."""
     flat, _, example_loss, objective = _flat_problem(loss, regularizer, params)
@@ -240,4 +297,12 @@ def _newton_cg(
         finite = jnp.all(jnp.isfinite(g)) & jnp.all(jnp.isfinite(solution.value))
         return solution.value, solution.converged & finite
 
-    return jax.vmap(one)(data)
+    return _map_examples(one, data, layout)
+
+
+def _cholesky_inverse(hessian: jax.Array) -> jax.Array:
+    """``H⁻¹`` by one Cholesky factorization, symmetrized; NaN when ``H`` is not positive
+    definite (the callers check)."""
+    factor = jax.scipy.linalg.cho_factor(hessian, lower=True)
+    inverse = jax.scipy.linalg.cho_solve(factor, jnp.eye(hessian.shape[0], dtype=hessian.dtype))
+    return 0.5 * (inverse + inverse.T)

@@ -9,14 +9,18 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from dargmin.diagnostics import (
     SingularSystemError,
 )
 from dargmin.sensitivity._checks import _prepared_fit, _raise_if_nonfinite
-from dargmin.sensitivity._hessian_solves import _default_rtol, _resolve_solver
+from dargmin.sensitivity._hessian_solves import (
+    _CG_BATCH,
+    _default_rtol,
+    _resolve_solver,
+    _rows_not_finite,
+)
 from dargmin.sensitivity._influence import infinitesimal_jackknife
 from dargmin.sensitivity._inputs import (
     CheckMode,
@@ -25,9 +29,10 @@ from dargmin.sensitivity._inputs import (
     PyTree,
     Regularizer,
     _as_arrays,
+    _first_rows,
     _refusal,
 )
-from dargmin.sensitivity._kernels import _Kernels
+from dargmin.sensitivity._kernels import _Kernels, _row_layout
 
 # Per-example Hessians are built this many at a time by the dense one-Newton-step ALO, so
 # memory stays at batch × p² instead of n × p². The Woodbury path needs only p × rank per
@@ -130,7 +135,7 @@ def approximate_leave_one_out(
         if not 1 <= rank <= p:
             raise ValueError(f"hessian_rank must be in [1, {p}], got {hessian_rank!r}.")
         steps, mismatch = kernels.newton_woodbury(
-            params, data, rank, _WOODBURY_BATCH, jax.random.key(seed)
+            params, data, rank, _row_layout(data, _WOODBURY_BATCH), jax.random.key(seed)
         )
         eps = float(jnp.finfo(flat.dtype).eps)
         worst = int(jnp.argmax(mismatch))
@@ -142,32 +147,34 @@ def approximate_leave_one_out(
                 "hessian_rank or leave it None."
             )
     elif _resolve_solver(linear_solver, p) in ("cholesky", "lu"):
-        steps = kernels.newton_dense(params, data, _HESSIAN_BATCH)
+        steps = kernels.newton_dense(params, data, _row_layout(data, _HESSIAN_BATCH))
     else:
         rtol = float(solve_rtol) if solve_rtol is not None else _default_rtol(flat.dtype)
         steps_cap = max_steps if max_steps is not None else max(10 * p, 100)
-        steps, converged = kernels.newton_cg(params, data, steps_cap, rtol)
-        failed = np.flatnonzero(~np.asarray(converged))
-        if failed.size:
+        layout = _row_layout(data, _CG_BATCH, whole_if_unsharded=True)
+        steps, converged = kernels.newton_cg(params, data, steps_cap, rtol, layout)
+        failed, first = _first_rows(~converged)
+        if failed:
             _raise_if_nonfinite(kernels, params, data, caller=name)
             raise _refusal(
                 SingularSystemError,
                 "singular",
                 f"{caller}: conjugate gradients on the leave-one-out Hessians H - H_i did not "
-                f"converge within {steps_cap} steps for {failed.size} of {n} examples (first: "
-                f"{failed[:5].tolist()}); removing those examples may leave a singular "
+                f"converge within {steps_cap} steps for {failed} of {n} examples (first: "
+                f"{first}); removing those examples may leave a singular "
                 "problem. Add a regularizer or raise max_steps.",
             )
-    bad = np.flatnonzero(~np.all(np.isfinite(np.asarray(steps)), axis=1))
-    if bad.size:
+    # Counted where the steps are (row-sharded with the data): only integers come back.
+    bad, first = _first_rows(_rows_not_finite(steps))
+    if bad:
         _raise_if_nonfinite(kernels, params, data, caller=name)
         if hessian_rank is not None:
             _check_cholesky(kernels, params, data, caller)
         raise _refusal(
             SingularSystemError,
             "singular",
-            f"{caller}: the leave-one-out Hessian H - H_i is singular for {bad.size} of {n} "
-            f"examples (first: {bad[:5].tolist()}): without them the problem has no unique "
+            f"{caller}: the leave-one-out Hessian H - H_i is singular for {bad} of {n} "
+            f"examples (first: {first}): without them the problem has no unique "
             "minimizer. Add a regularizer, or use method='ij'.",
         )
     return jax.vmap(lambda s: unravel(flat + s))(steps)
@@ -176,10 +183,11 @@ def approximate_leave_one_out(
 def _check_cholesky(kernels: _Kernels, params: PyTree, data: PyTree, caller: str) -> None:
     """The Woodbury path factorizes ``H`` by Cholesky: refuse, with its eigenvalues, an ``H``
     that is not positive definite (a saddle or a singular fit let through by ``check``)."""
-    spectrum = np.linalg.eigvalsh(np.asarray(kernels.total_hessian(params, data)))
+    # Eigenvalues on the device: two scalars come back, not the p × p Hessian.
+    spectrum = jnp.linalg.eigvalsh(kernels.total_hessian(params, data))
     lo, hi = float(spectrum[0]), float(spectrum[-1])
-    eps = float(np.finfo(spectrum.dtype).eps)
-    if lo > spectrum.size * eps * max(abs(hi), float(np.finfo(spectrum.dtype).tiny)):
+    eps = float(jnp.finfo(spectrum.dtype).eps)
+    if lo > spectrum.size * eps * max(abs(hi), float(jnp.finfo(spectrum.dtype).tiny)):
         return
     reason, what = (
         ("not_minimum", "not positive definite: params is not a minimum")
