@@ -222,16 +222,22 @@ def test_sure_is_unbiased_over_noise_draws():
     assert 4 * (fd - risk).std() / np.sqrt(fd.size) < 0.5 * risk.mean()
 
 
-def test_tuning_finds_the_grid_minimum_of_sure():
+@pytest.mark.parametrize("coarse", [None, (0.5, 1.0, 2.0)])
+def test_tuning_finds_the_grid_minimum_of_sure(coarse):
     _, y, _ = _image(16)
     cfg = ChambollePock(tol=1e-7)
     est = ImageSURE(tv_denoising(), y, 0.2, solver=cfg, warm_start=False)
     cold = ImageSURE(tv_denoising(), y, 0.2, solver=cfg, warm_start=False)
     seen = []
-    res = _quiet(est.tune, [0.2], progress=False, monitor=lambda t, v: seen.append(v))
+    res = _quiet(
+        est.tune, [0.2], progress=False, monitor=lambda t, v: seen.append(v), coarse=coarse
+    )
     grid = np.geomspace(0.05, 0.4, 11)
     vals = _quiet(cold.grid, [[g] for g in grid])
     assert len(seen) == res.n_evals == len(res.history)
     assert res.value <= vals.min() + 1e-3 * abs(vals.min())
     i = int(np.argmin(vals))
     assert grid[max(i - 1, 0)] <= res.theta[0] <= grid[min(i + 1, grid.size - 1)]
+    if coarse is not None:  # two points define no parabola
+        with pytest.raises(ValueError, match="at least 3 positive factors"):
+            est.tune([0.2], progress=False, coarse=(1.0, 2.0))
