@@ -4,7 +4,9 @@ import warnings
 
 import numpy as np
 import pytest
-from sklearn.datasets import load_diabetes
+from sklearn.datasets import load_diabetes, make_regression
+from sklearn.linear_model import Lasso, LassoCV
+from sklearn.model_selection import KFold, cross_val_score
 from sklearn.preprocessing import PolynomialFeatures, StandardScaler
 
 import dargmin
@@ -123,6 +125,27 @@ def test_diabetes_polynomial_lasso_hyper_cv_fits_and_hypergradient_matches_fd():
     assert info["support_rank"] < np.count_nonzero(w)
     np.testing.assert_allclose(g1[0], fd, rtol=1e-5)
     np.testing.assert_allclose(g2[0], g1[0], rtol=1e-5)
+
+
+def test_p_greater_than_n_with_noise_fits_past_a_singular_path_minimum():
+    # make_regression 60x150 with noise, 3 folds of 40 rows: the coarse path's best points
+    # sit near interpolation, where the inner solution has more active features than the
+    # rank of their columns (no hypergradient there). The fit used to stop with
+    # SingularSystemError at its starting point; it now starts from the best point with a
+    # hypergradient, says so, and its alpha's CV loss (re-solved to 1e-10 by scikit-learn)
+    # is no worse than that of LassoCV's grid choice (the peer).
+    X, y = make_regression(60, 150, noise=5.0, random_state=0)
+    cv = KFold(3)
+    with pytest.warns(dargmin.DargminWarning, match="singular support system"):
+        est = LassoHyperCV(cv=cv, n_path=5).fit(X, y)
+    peer = LassoCV(cv=cv, max_iter=100_000).fit(X, y)
+
+    def cv_mse(alpha: float) -> float:
+        model = Lasso(alpha=alpha, tol=1e-10, max_iter=200_000)
+        return -cross_val_score(model, X, y, cv=cv, scoring="neg_mean_squared_error").mean()
+
+    assert cv_mse(est.alpha_) <= cv_mse(peer.alpha_)
+    np.testing.assert_allclose(est.cv_loss_, cv_mse(est.alpha_), rtol=1e-2)
 
 
 def test_singular_start_reports_the_real_cause():

@@ -299,6 +299,7 @@ def _coarse_path(
     grid = np.linspace(hi_b[0], lo_b[0], n_path + 1)[1:]
     best: tuple[float, np.ndarray, Any, Any] = (np.inf, grid[:1], None, None)
     coef, n_evals, i_best = None, 0, 0
+    visited: list[tuple[float, int, np.ndarray, Any, Any]] = []
     for i, t in enumerate(grid):
         th = np.array([t])
         try:
@@ -312,6 +313,7 @@ def _coarse_path(
         n_evals += 1
         gnorm = float("nan") if grad is None else float(np.max(np.abs(grad)))
         monitor.record(th, value, gnorm, accepted=False)
+        visited.append((value, i, th, coef, grad))
         if np.isfinite(value) and value < best[0]:
             best, i_best = (value, th, coef, grad), i
         elif value > (1.0 + PATH_RISE) * best[0]:
@@ -324,12 +326,35 @@ def _coarse_path(
             "system; raise the lower bound of log_theta."
         )
     if best[3] is None:
-        try:
-            value, grad, coef = evaluate(best[1], best[2])
-            best = (value, best[1], coef, grad)
-        except SingularSystemError:
-            # No hypergradient at the best point: the descent re-evaluates it and reports.
+        # The hypergradient at the best point; if its support system is singular (an
+        # inner solution with |S| above the rank of X_S, as near interpolation when p > n:
+        # measured on make_regression 60x150 with noise, 3 folds), the next best points of
+        # the path in turn, with a warning: the descent still explores the whole box and
+        # rejects singular trial points.
+        failed: list[float] = []
+        for value, i, th, coef_i, _ in sorted(
+            (v for v in visited if np.isfinite(v[0])), key=lambda v: v[0]
+        ):
+            try:
+                value, grad, coef = evaluate(th, coef_i)
+            except SingularSystemError:
+                failed.append(float(np.exp(th[0])))
+                continue
+            best, i_best = (value, th, coef, grad), i
+            break
+        else:
+            # No hypergradient anywhere on the path: the descent re-evaluates and reports.
             return _PathStart(best[1], None, None, n_evals, (lo_b, hi_b), 0.0)
+        if failed:
+            warnings.warn(
+                f"{problem.name}: the coarse path's best point(s) at exp(log_theta) = "
+                f"{', '.join(f'{a:.4g}' for a in failed)} have "
+                "a singular support system (more active features than the rank of their "
+                "columns), so no hypergradient there; the descent starts from the best point "
+                f"with one, {float(np.exp(best[1][0])):.4g}.",
+                DargminWarning,
+                stacklevel=3,
+            )
     # The descent starts from the best point's own evaluation: re-solving there from other
     # warm starts could land on another (equally optimal) inner solution.
     # The first grid point's upper neighbour is the top of the box (hi), the last's lower
