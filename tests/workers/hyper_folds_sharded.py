@@ -3,7 +3,7 @@
 count is fixed when JAX starts).
 
 The folds' support systems are solved in one batched call whose fold axis is sharded over
-the devices (``dargmin.hyper._hypergradients.SHARD_FOLDS``); with the flag off the same
+the devices (``dargmin.hyper._support_solve.SHARD_FOLDS``); with the flag off the same
 batch runs on one device. Prints one JSON object with both results of each check.
 """
 
@@ -32,7 +32,7 @@ from dargmin.hyper import (  # noqa: E402
     hypergradient,
     lasso,
 )
-from dargmin.hyper import _hypergradients as hg_module  # noqa: E402
+from dargmin.hyper import _support_solve as hg_module  # noqa: E402
 
 
 def _both(fn):

@@ -46,9 +46,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dargmin.hyper._hypergradients import _restricted_hessian, _support, _support_solve
+from dargmin.hyper._hypergradients import _restricted_hessian, _support
 from dargmin.hyper._problems import HyperProblem, Quadratic, _check_finite
 from dargmin.hyper._registry import resolve
+from dargmin.hyper._support_solve import _support_solve
 
 Array = Any
 DF_MODES = ("exact", "monte_carlo", "finite_difference")

@@ -38,20 +38,25 @@ from typing import Any, ClassVar, NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import lineax as lx
 import numpy as np
 
-from dargmin.diagnostics import DargminWarning, SingularSystemError
+from dargmin.diagnostics import DargminWarning
 from dargmin.hyper._problems import HyperProblem, _penalty_vectors
 from dargmin.hyper._registry import register
+from dargmin.hyper._support_solve import (
+    _COND_MAX,
+    SupportSolve,
+    _cholesky_solve_folds,
+    _padded,
+    _padded_size,
+    _place_folds,
+    _support_solve,
+)
 from dargmin.implicit import argmin
-from dargmin.linear_solvers import Cholesky, LeastSquares, factorize
 
 Array = Any
 #: The historical method names (see :data:`~dargmin.hyper.REGISTRY` for all of them).
 METHODS = ("implicit", "implicit_forward", "forward", "reverse")
-_COND_MAX = 1e12  # condition number above which a support system counts as singular
-_RCOND = 1e-10  # relative eigenvalue cutoff of the minimum-norm (pseudo-inverse) solve
 
 
 # ---------------------------------------------------------------------- shared pieces
@@ -113,177 +118,9 @@ class _SupportSystem(NamedTuple):
         return self.value, grad, _info(sol.rank, sol.note, support_size=S.size)
 
 
-#: Spread the CV folds' batched support solves over the JAX devices when there are several
-#: (a ``NamedSharding`` of the fold axis); ``False`` keeps them on the default device.
-SHARD_FOLDS = True
-
-
-def _place_folds(*arrays: np.ndarray) -> tuple[Any, ...]:
-    """The fold-stacked arrays, sharded along their first axis over all JAX devices when
-    there are several (padded with identity systems to a multiple of the device count);
-    as they are otherwise."""
-    n_dev = jax.device_count()
-    if not SHARD_FOLDS or n_dev == 1:
-        return arrays
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-    k = arrays[0].shape[0]
-    extra = (-k) % n_dev
-    mesh = Mesh(np.array(jax.devices()), ("folds",))
-    placed = []
-    for i, a in enumerate(arrays):
-        if extra:
-            # Identity systems with zero right-hand sides: well posed, solution 0.
-            fill = (
-                np.broadcast_to(np.eye(a.shape[1]), (extra, *a.shape[1:]))
-                if i == 0
-                else (np.zeros((extra, *a.shape[1:])))
-            )
-            a = np.concatenate([a, fill])
-        placed.append(jax.device_put(a, NamedSharding(mesh, PartitionSpec("folds"))))
-    return tuple(placed)
-
-
-class SupportSolve(NamedTuple):
-    """Solution of a support system ``H X = B`` by :func:`_support_solve`."""
-
-    x: np.ndarray
-    rank: int
-    note: str | None
-
-
 def _bucket(k: int, minimum: int = 8) -> int:
     # Pad dynamic sizes to powers of two so jit compiles O(log p) variants, not one per |S|.
     return max(minimum, 1 << (int(k) - 1).bit_length())
-
-
-def _padded_size(s: int) -> int:
-    """The bucketed size of a support system (powers of 4 from 16): each compiled size
-    costs about a second."""
-    sp = 16
-    while sp < s:
-        sp *= 4
-    return sp
-
-
-def _padded(H: np.ndarray, B: np.ndarray, size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """``H`` bordered by ``c·I`` (``c`` its mean diagonal) and ``B`` by zero rows, to a
-    bucketed size (or ``size``): the padding block is decoupled, well scaled, and its
-    solution is 0."""
-    s = H.shape[0]
-    sp = _padded_size(s) if size is None else size
-    c = max(float(np.mean(np.abs(np.diag(H)))), 1e-300) if s else 1.0
-    Hp = np.eye(sp) * c
-    Hp[:s, :s] = H
-    Bp = np.zeros((sp, B.shape[1]))
-    Bp[:s] = B
-    # NumPy arrays: the jitted solves transfer them directly (jnp.asarray would first run
-    # an eager conversion, about half a millisecond each under load).
-    return Hp, Bp
-
-
-def _cholesky_solve_impl(H: jax.Array, B: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Cholesky through the linear-system layer; ``(X, cond)`` with the cheap lower bound
-    ``(max/min diagonal of the factor)²`` of ``cond(H)`` (``inf`` when it failed)."""
-    op = lx.MatrixLinearOperator(H, lx.positive_semidefinite_tag)
-    system = factorize(op, Cholesky(), context="hypergradient support solve")
-    # The factors' own solve, unchecked: failure is judged here (a NaN factor, or the
-    # condition estimate), and a singular system falls back to the minimum-norm solve.
-    # (Going through ``lx.linear_solve`` doubled the compile time of this small system.)
-    solver, state = system.unchecked_solver()
-    X = jax.vmap(lambda b: solver.compute(state, b, {})[0], in_axes=1, out_axes=1)(B)
-    diag = jnp.abs(jnp.diag(state[0]))
-    cond = (jnp.max(diag) / jnp.min(diag)) ** 2
-    bad = ~jnp.all(jnp.isfinite(X)) | ~jnp.isfinite(cond)
-    return X, jnp.where(bad, jnp.inf, cond)
-
-
-_cholesky_solve = jax.jit(_cholesky_solve_impl)
-#: The support systems of all the CV folds in one call (a leading fold axis): one dispatch
-#: per evaluation instead of one per fold, and the axis that spreads over devices.
-_cholesky_solve_folds = jax.jit(jax.vmap(_cholesky_solve_impl))
-
-
-@jax.jit
-def _min_norm_solve(H: jax.Array, B: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Minimum-norm solution by the layer's :class:`~dargmin.linear_solvers.LeastSquares`
-    (SVD pseudo-inverse, relative cutoff ``_RCOND``); ``(X, rank)``."""
-    op = lx.MatrixLinearOperator(H, lx.symmetric_tag)
-    system = factorize(op, LeastSquares(rcond=_RCOND), context="hypergradient support solve")
-    # Unchecked: the truncation is the point here; consistency is checked by the caller.
-    solver, state = system.unchecked_solver()
-    X = jax.vmap(lambda b: solver.compute(state, b, {})[0], in_axes=1, out_axes=1)(B)
-    sv = state[0][1]
-    return X, jnp.sum(sv > _RCOND * jnp.max(sv))
-
-
-def _support_solve(H: np.ndarray, B: np.ndarray, problem: HyperProblem, mu: Any = None):
-    """Solve ``H X = B`` for a support Hessian ``H = X_Sᵀ D X_S + diag(μ_S)``.
-
-    The one place where ``dargmin.hyper`` solves a support system (hypergradients, degrees
-    of freedom), through :mod:`dargmin.linear_solvers`: a well-conditioned ``H`` is solved
-    by :class:`~dargmin.linear_solvers.Cholesky`. A singular ``H`` with no ℓ2 term on the
-    support (``mu`` zero: duplicate or collinear active columns) gets the minimum-norm
-    solution (:class:`~dargmin.linear_solvers.LeastSquares`, relative cutoff ``1e-10``),
-    provided ``B`` lies in the range of ``H`` (always so for right-hand sides that are
-    functions of the predictions of duplicated columns, since null(H) = null(X_S)); the
-    returned note reports the rank. Otherwise a :class:`~dargmin.SingularSystemError` is
-    raised. Sizes are padded to powers of two so that one compiled solve serves many
-    support sizes.
-
-    Returns
-    -------
-    SupportSolve
-        ``(x, rank, note)``.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from dargmin.hyper import lasso
-    >>> H = np.array([[1.0, 1.0], [1.0, 1.0]])          # a duplicated active column
-    >>> sol = _support_solve(H, np.array([2.0, 2.0]), lasso(np.eye(2), np.ones(2)))
-    >>> sol.x.round(6).tolist(), sol.rank             # the minimum-norm solution
-    ([1.0, 1.0], 1)
-    """
-    s = H.shape[0]
-    vector = B.ndim == 1
-    B2 = B[:, None] if vector else B
-    with jax.enable_x64(True):
-        Hp, Bp = _padded(np.asarray(H, dtype=np.float64), np.asarray(B2, dtype=np.float64))
-        X, cond_j = _cholesky_solve(Hp, Bp)
-        cond = float(cond_j)
-        if cond < _COND_MAX:
-            x = np.asarray(X)[:s]
-            return SupportSolve(x[:, 0] if vector else x, s, None)
-        pure_l1 = mu is None or not np.any(np.asarray(mu) > 0)
-        if not pure_l1:
-            raise SingularSystemError(
-                f"The {problem.name} Hessian restricted to the support (|S| = {s}, n = "
-                f"{problem.n_samples}) is singular or nearly so (condition number >= "
-                f"{cond:.3g}). The derivative is numerically unreliable (|S| > n or collinear "
-                "active features with a vanishing ℓ2 term); increase the penalty or the ℓ2 "
-                "term."
-            )
-        X, rank_j = _min_norm_solve(Hp, Bp)
-        x = np.asarray(X)[:s]
-        r = int(rank_j) - (Hp.shape[0] - s)  # the padding block has full rank
-    resid = np.linalg.norm(H @ x - B2) / max(float(np.linalg.norm(B2)), 1e-300)
-    if resid <= 1e-6:
-        note = (
-            f"the {problem.name} support Hessian is rank-deficient (rank {r} of |S| = "
-            f"{s}: duplicate or collinear active columns); the inner solution is not "
-            "unique but its prediction is, and the minimum-norm solution of the "
-            "consistent support system was used"
-        )
-        return SupportSolve(x[:, 0] if vector else x, r, note)
-    raise SingularSystemError(
-        f"The {problem.name} Hessian restricted to the support is singular (|S| = {s}, "
-        f"rank {r}, n = {problem.n_samples}) and the right-hand side is not in its range "
-        f"(relative residual {resid:.2g}): the criterion depends on which of the "
-        "non-unique inner solutions is returned, so its hypergradient is undefined. Use a "
-        "criterion of the predictions Xŵ, increase the penalty, drop duplicated columns "
-        "or add an ℓ2 term."
-    )
 
 
 def _info(support_rank: int | None = None, note: str | None = None, **extra: Any) -> dict:
