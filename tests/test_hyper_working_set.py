@@ -34,7 +34,7 @@ from dargmin.hyper import (
     sparse_logistic,
     weighted_lasso,
 )
-from dargmin.hyper._problems import _penalty_vectors
+from dargmin.hyper._penalty_maps import _penalty_vectors
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,11 @@ where ``ŵ(θ) = argmin_w F(w, θ)`` is a (possibly non-smooth, ℓ1-penalized) 
 "Implicit differentiation for fast hyperparameter selection in non-smooth convex learning",
 ICML 2020 / JMLR 2022) or by forward/reverse differentiation of the inner solver.
 
-A call flows one way through the modules: the problem (``_datafits``, ``_problems``) →
+A call flows one way through the modules: the problem (``_datafits``, ``_penalty_maps``,
+``_problems``, ``_models``) →
 the inner solve (``_inner_solvers``, ``_sklearn_ridge_solvers``, ``_split_lbfgsb``,
-``_working_set``) → the derivative (``_hypergradients``, ``_unrolled``; one evaluation in
-``_evaluation``) → the criterion
+``_working_set``) → the derivative (``_hypergradients``, ``_support_solve``,
+``_unrolled``; one evaluation in ``_evaluation``) → the criterion
 (``_criteria``, ``_dof``, ``_risk``) → the outer loop (``_optimizers``, ``_outer``) → the
 estimators (``_estimator_base``: shared parameters and fit; ``_estimator_docs``: shared
 docstring sections; ``_estimators``, ``_classifier``: the models). Strategies are objects
@@ -29,6 +30,7 @@ from dargmin.hyper._criteria import (
     HeldOutLogistic,
     HeldOutMSE,
 )
+from dargmin.hyper._datafits import Datafit, Logistic, Quadratic
 from dargmin.hyper._dof import default_delta, degrees_of_freedom
 from dargmin.hyper._estimators import (
     ElasticNetHyperCV,
@@ -52,6 +54,14 @@ from dargmin.hyper._inner_solvers import (
     kkt_violation,
     soft_threshold,
 )
+from dargmin.hyper._models import (
+    elastic_net,
+    l2_logistic,
+    lasso,
+    ridge,
+    sparse_logistic,
+    weighted_lasso,
+)
 from dargmin.hyper._optimizers import (
     LBFGSB,
     Monitor,
@@ -68,19 +78,7 @@ from dargmin.hyper._outer import (
     optimize_sure,
 )
 from dargmin.hyper._plot import plot_convergence
-from dargmin.hyper._problems import (
-    Cache,
-    Datafit,
-    HyperProblem,
-    Logistic,
-    Quadratic,
-    elastic_net,
-    l2_logistic,
-    lasso,
-    ridge,
-    sparse_logistic,
-    weighted_lasso,
-)
+from dargmin.hyper._problems import Cache, HyperProblem
 from dargmin.hyper._registry import REGISTRY, resolve
 from dargmin.hyper._risk import SURE, SureResult
 from dargmin.hyper._sklearn_ridge_solvers import RidgeDirect, SklearnSolver, default_solver

@@ -12,7 +12,7 @@ from sklearn.utils.validation import check_is_fitted
 from dargmin.hyper._criteria import HeldOutLogistic
 from dargmin.hyper._estimator_base import _HyperCVBase
 from dargmin.hyper._estimator_docs import document
-from dargmin.hyper._problems import sparse_logistic
+from dargmin.hyper._models import sparse_logistic
 
 
 @document(

@@ -32,8 +32,8 @@ from dargmin.hyper._estimator_base import (  # noqa: F401 - re-exported (histori
     _store_params,
 )
 from dargmin.hyper._estimator_docs import PARAM_MAX_ITER_LASSO, document_regressor
+from dargmin.hyper._models import elastic_net, lasso, ridge, weighted_lasso
 from dargmin.hyper._outer import default_bounds, optimize_hyperparameters
-from dargmin.hyper._problems import elastic_net, lasso, ridge, weighted_lasso
 
 
 def _lasso_start(est: _HyperCVBase, X: np.ndarray, y: np.ndarray, max_iter: int) -> float:

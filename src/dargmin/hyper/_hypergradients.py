@@ -41,7 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dargmin.diagnostics import DargminWarning
-from dargmin.hyper._problems import HyperProblem, _penalty_vectors
+from dargmin.hyper._penalty_maps import _penalty_vectors
+from dargmin.hyper._problems import HyperProblem
 from dargmin.hyper._registry import register
 from dargmin.hyper._support_solve import (
     _COND_MAX,

@@ -32,10 +32,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dargmin.hyper._datafits import Datafit, Logistic, Quadratic
+from dargmin.hyper._datafits import Datafit, Quadratic
+from dargmin.hyper._penalty_maps import (
+    _HOST_VJP,
+    PenaltyMap,
+    _host_maps,
+    _penalty_vectors,
+    _penalty_vjp,
+)
 
 Array = Any
-PenaltyMap = Callable[[Array], Array]
 
 
 def _check_finite(
@@ -253,6 +259,7 @@ class HyperProblem(eqx.Module):
         Examples
         --------
         >>> import numpy as np
+        >>> from dargmin.hyper import elastic_net
         >>> elastic_net(np.eye(3), np.ones(3)).l1_coordinates().tolist()
         [True, False]
         """
@@ -429,6 +436,7 @@ class HyperProblem(eqx.Module):
         Examples
         --------
         >>> import numpy as np
+        >>> from dargmin.hyper import lasso
         >>> lasso(np.random.default_rng(0).normal(size=(5, 2)), np.full(5, 3.0)).null_model_reason()
         'y is constant (the intercept fits it exactly)'
         """
@@ -451,167 +459,3 @@ class HyperProblem(eqx.Module):
         if not np.any(self.y) and isinstance(self.datafit, Quadratic):
             return "y is all zero"
         return None
-
-
-def _vec(t: Array, fn: PenaltyMap | None, p: int, augmented: bool) -> Array:
-    dtype = jnp.result_type(float)
-    v = jnp.zeros(p, dtype) if fn is None else jnp.broadcast_to(jnp.asarray(fn(t), dtype), (p,))
-    return jnp.concatenate([v, jnp.zeros(1, dtype)]) if augmented else v
-
-
-# The penalty maps are static arguments: module-level functions such as ``_exp0`` are shared
-# by every problem of a model, so cross-validation folds reuse one compiled function.
-@partial(jax.jit, static_argnames=("l1", "l2", "p", "augmented"))
-def _penalty_vectors(t, l1, l2, p, augmented):
-    return _vec(t, l1, p, augmented), _vec(t, l2, p, augmented)
-
-
-@partial(jax.jit, static_argnames=("l1", "l2", "p", "augmented"))
-def _penalty_vjp(t, c1, c2, l1, l2, p, augmented):
-    _, vjp = jax.vjp(lambda tt: _penalty_vectors(tt, l1, l2, p, augmented), t)
-    return vjp((c1, c2))[0]
-
-
-# ---------------------------------------------------------------------- model factories
-def _exp0(t: Array) -> Array:
-    return jnp.exp(t[0])
-
-
-def _exp1(t: Array) -> Array:
-    return jnp.exp(t[1])
-
-
-def _exp_all(t: Array) -> Array:
-    return jnp.exp(t)
-
-
-def _vjp0(t: np.ndarray, c: np.ndarray, out: np.ndarray) -> None:
-    out[0] += np.exp(t[0]) * c.sum()
-
-
-def _vjp1(t: np.ndarray, c: np.ndarray, out: np.ndarray) -> None:
-    out[1] += np.exp(t[1]) * c.sum()
-
-
-def _vjp_all(t: np.ndarray, c: np.ndarray, out: np.ndarray) -> None:
-    out += np.exp(t) * c
-
-
-#: NumPy twins of the factories' penalty maps (value, and VJP accumulated into ``out``),
-#: so that the host-side bookkeeping of the outer loop needs no JAX dispatch.
-_HOST_VALUE: dict[Any, Callable[[np.ndarray], np.ndarray]] = {
-    _exp0: lambda t: np.exp(t[:1]),
-    _exp1: lambda t: np.exp(t[1:2]),
-    _exp_all: np.exp,
-}
-_HOST_VJP: dict[Any, Callable[[np.ndarray, np.ndarray, np.ndarray], None]] = {
-    _exp0: _vjp0,
-    _exp1: _vjp1,
-    _exp_all: _vjp_all,
-}
-
-
-def _host_maps(l1: Any, l2: Any) -> tuple[Callable, Callable] | None:
-    """NumPy versions of ``(l1, l2)`` (an absent map gives zeros), or ``None`` when one of
-    them is a user function (then JAX computes it)."""
-    maps = []
-    for fn in (l1, l2):
-        if fn is None:
-            maps.append(lambda t: np.zeros(1))
-        elif fn in _HOST_VALUE:
-            maps.append(_HOST_VALUE[fn])
-        else:
-            return None
-    return maps[0], maps[1]
-
-
-def lasso(X: Array, y: Array, *, fit_intercept: bool = True) -> HyperProblem:
-    """Lasso: ``‖y − Xw‖²/(2n) + e^{θ}‖w‖₁`` (``e^θ`` is scikit-learn's ``alpha``).
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> prob = lasso(np.random.default_rng(0).normal(size=(20, 5)), np.arange(20.0))
-    >>> prob.n_hyper
-    1
-    """
-    return HyperProblem(X, y, Quadratic(), 1, l1=_exp0, fit_intercept=fit_intercept, name="lasso")
-
-
-def elastic_net(X: Array, y: Array, *, fit_intercept: bool = True) -> HyperProblem:
-    """Elastic net: ``‖y − Xw‖²/(2n) + e^{θ₀}‖w‖₁ + ½e^{θ₁}‖w‖²``.
-
-    In scikit-learn's parametrization ``alpha = e^{θ₀} + e^{θ₁}`` and
-    ``l1_ratio = e^{θ₀} / alpha``.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> elastic_net(np.ones((4, 2)) + np.eye(4, 2), np.arange(4.0)).n_hyper
-    2
-    """
-    return HyperProblem(
-        X, y, Quadratic(), 2, l1=_exp0, l2=_exp1, fit_intercept=fit_intercept, name="elastic net"
-    )
-
-
-def weighted_lasso(X: Array, y: Array, *, fit_intercept: bool = True) -> HyperProblem:
-    """Weighted Lasso: ``‖y − Xw‖²/(2n) + Σⱼ e^{θⱼ}|wⱼ|`` (one penalty per feature).
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> weighted_lasso(np.random.default_rng(0).normal(size=(10, 7)), np.ones(10)).n_hyper
-    7
-    """
-    X = np.asarray(X)
-    return HyperProblem(
-        X,
-        y,
-        Quadratic(),
-        int(X.shape[1]) if X.ndim == 2 else 1,
-        l1=_exp_all,
-        fit_intercept=fit_intercept,
-        name="weighted lasso",
-    )
-
-
-def sparse_logistic(X: Array, y: Array, *, fit_intercept: bool = True) -> HyperProblem:
-    """ℓ1 logistic regression: ``(1/n)Σ log(1+e^{−yᵢ(xᵢᵀw+b)}) + e^{θ}‖w‖₁``, ``y ∈ {±1}``.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> rng = np.random.default_rng(0)
-    >>> sparse_logistic(rng.normal(size=(10, 3)), np.sign(rng.normal(size=10))).n_coef  # + b
-    4
-    """
-    return HyperProblem(
-        X, y, Logistic(), 1, l1=_exp0, fit_intercept=fit_intercept, name="sparse logistic"
-    )
-
-
-def ridge(X: Array, y: Array, *, fit_intercept: bool = True) -> HyperProblem:
-    """Ridge: ``‖y − Xw‖²/(2n) + ½e^{θ}‖w‖²`` (scikit-learn ``Ridge(alpha=n e^θ)``).
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> ridge(np.eye(3), np.ones(3)).smooth
-    True
-    """
-    return HyperProblem(X, y, Quadratic(), 1, l2=_exp0, fit_intercept=fit_intercept, name="ridge")
-
-
-def l2_logistic(X: Array, y: Array, *, fit_intercept: bool = True) -> HyperProblem:
-    """ℓ2 logistic regression: ``(1/n)Σ log(1+e^{−yᵢ(xᵢᵀw+b)}) + ½e^{θ}‖w‖²``.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> l2_logistic(np.eye(4), np.array([1.0, -1, 1, -1])).smooth
-    True
-    """
-    return HyperProblem(
-        X, y, Logistic(), 1, l2=_exp0, fit_intercept=fit_intercept, name="l2 logistic"
-    )

@@ -34,7 +34,8 @@ from dargmin.hyper._inner_solvers import (
     _kkt_violation,
     _warn_not_converged,
 )
-from dargmin.hyper._problems import HyperProblem, Quadratic, _exp0, _exp1
+from dargmin.hyper._penalty_maps import _exp0, _exp1
+from dargmin.hyper._problems import HyperProblem, Quadratic
 from dargmin.hyper._registry import register
 
 Array = Any
