@@ -9,6 +9,7 @@ as an :class:`OptimumReport` instead of raised: for a user who wants to look at 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -165,20 +166,10 @@ def check_optimum(
         return jax.jvp(g, (flat_x,), (v,))[1]
 
     if n <= dense_max_size:
-        matrix = np.asarray(jax.jacfwd(g)(flat_x))
-        with np.errstate(all="ignore"):
-            finite = bool(np.all(np.isfinite(matrix)))
-            if argmin_kind and finite:
-                spectrum = np.linalg.eigvalsh(0.5 * (matrix + matrix.T))
-                lo, hi = float(spectrum[0]), float(spectrum[-1])
-                abs_spec = np.abs(spectrum)
-            elif finite:
-                abs_spec = np.linalg.svd(matrix, compute_uv=False)
-                lo, hi = float(abs_spec[-1]), float(abs_spec[0])
-            else:
-                abs_spec = np.array([np.nan])
-                lo = hi = float("nan")
-        abs_min, abs_max = float(abs_spec.min()), float(abs_spec.max())
+        # The spectrum is computed where the matrix lives; only five scalars reach the host
+        # (on sharded problems the p × p matrix stays on the devices).
+        bounds = _dense_spectrum_bounds(jax.jacfwd(g)(flat_x), symmetric=argmin_kind)
+        lo, hi, abs_min, abs_max = (v.item() for v in jax.device_get(bounds))
     else:
         from dargmin.curvature import lanczos_extreme_eigenvalues  # matrix-free path
 
@@ -296,3 +287,20 @@ def _measure_at(
         positive_definite=positive_definite,
         newton_system=newton_system_for(system, strategy),
     )
+
+
+@functools.partial(jax.jit, static_argnames=("symmetric",))
+def _dense_spectrum_bounds(matrix: jax.Array, symmetric: bool) -> tuple[jax.Array, ...]:
+    """``(lo, hi, min |λ|, max |λ|)`` of a dense system: the extreme eigenvalues of
+    its symmetric part (``symmetric``) or its extreme singular values; NaN when the matrix
+    holds NaN or inf (LAPACK's eigensolvers do not converge on those)."""
+    finite = jnp.all(jnp.isfinite(matrix))
+    safe = jnp.where(finite, matrix, jnp.eye(matrix.shape[0], dtype=matrix.dtype))
+    if symmetric:
+        spectrum = jnp.linalg.eigvalsh(0.5 * (safe + safe.T))
+        lo, hi, magnitudes = spectrum[0], spectrum[-1], jnp.abs(spectrum)
+    else:
+        magnitudes = jnp.linalg.svd(safe, compute_uv=False)
+        lo, hi = magnitudes[-1], magnitudes[0]
+    values = (lo, hi, jnp.min(magnitudes), jnp.max(magnitudes))
+    return tuple(jnp.where(finite, v, jnp.nan) for v in values)

@@ -63,8 +63,8 @@ def _raise_if_nonfinite(
     regularizer = kernels.regularizer
     reg_bad = 0
     if regularizer is not None:
-        reg_gradient = np.asarray(jax.grad(lambda t: regularizer(unravel(t)))(flat))
-        reg_bad = int(np.count_nonzero(~np.isfinite(reg_gradient)))
+        reg_gradient = jax.grad(lambda t: regularizer(unravel(t)))(flat)
+        reg_bad = int(jnp.count_nonzero(~jnp.isfinite(reg_gradient)))  # counted on device
         if reg_bad:
             problems.append(
                 f"the gradient of the regularizer has {reg_bad} non-finite "
