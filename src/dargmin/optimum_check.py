@@ -166,7 +166,7 @@ def check_optimum(
         return jax.jvp(g, (flat_x,), (v,))[1]
 
     if n <= dense_max_size:
-        # The spectrum is computed where the matrix lives; only five scalars reach the host
+        # The spectrum is computed where the matrix lives; only four scalars reach the host
         # (on sharded problems the p × p matrix stays on the devices).
         bounds = _dense_spectrum_bounds(jax.jacfwd(g)(flat_x), symmetric=argmin_kind)
         lo, hi, abs_min, abs_max = (v.item() for v in jax.device_get(bounds))

@@ -299,7 +299,7 @@ def _coarse_path(
     grid = np.linspace(hi_b[0], lo_b[0], n_path + 1)[1:]
     best: tuple[float, np.ndarray, Any, Any] = (np.inf, grid[:1], None, None)
     coef, n_evals, i_best = None, 0, 0
-    visited: list[tuple[float, int, np.ndarray, Any, Any]] = []
+    visited: list[tuple[float, int, np.ndarray, Any]] = []  # (value, index, θ, coef)
     for i, t in enumerate(grid):
         th = np.array([t])
         try:
@@ -313,7 +313,7 @@ def _coarse_path(
         n_evals += 1
         gnorm = float("nan") if grad is None else float(np.max(np.abs(grad)))
         monitor.record(th, value, gnorm, accepted=False)
-        visited.append((value, i, th, coef, grad))
+        visited.append((value, i, th, coef))
         if np.isfinite(value) and value < best[0]:
             best, i_best = (value, th, coef, grad), i
         elif value > (1.0 + PATH_RISE) * best[0]:
@@ -332,7 +332,7 @@ def _coarse_path(
         # the path in turn, with a warning: the descent still explores the whole box and
         # rejects singular trial points.
         failed: list[float] = []
-        for value, i, th, coef_i, _ in sorted(
+        for _, i, th, coef_i in sorted(
             (v for v in visited if np.isfinite(v[0])), key=lambda v: v[0]
         ):
             try:
