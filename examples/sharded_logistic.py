@@ -19,7 +19,9 @@ import os
 
 # Simulate 8 devices on the CPU (must happen before JAX starts); on a machine with several
 # accelerators, remove this line and the mesh below spans them.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+)
 
 import time
 

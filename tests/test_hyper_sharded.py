@@ -20,7 +20,7 @@ WORKER = Path(__file__).parent / "workers" / "hyper_folds_sharded.py"
 
 @pytest.fixture(scope="module")
 def sharded(run_worker: Callable[..., dict]) -> dict:
-    return run_worker(WORKER, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    return run_worker(WORKER)  # the script asks for 8 simulated devices itself
 
 
 def test_fold_batch_is_spread_over_eight_devices(sharded: dict) -> None:

@@ -26,7 +26,7 @@ import tempfile
 
 DUMP = tempfile.mkdtemp(prefix="dargmin_hlo_")
 os.environ["XLA_FLAGS"] = (
-    "--xla_force_host_platform_device_count=8 "
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 "
     f"--xla_dump_to={DUMP} --xla_dump_hlo_as_text --xla_dump_hlo_pass_re=NONE"
 )
 
