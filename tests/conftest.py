@@ -2,7 +2,6 @@
 
 import functools
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -20,21 +19,20 @@ jax.config.update("jax_enable_x64", True)
 collect_ignore = ["workers"]
 
 
-def _run_worker_once(
-    worker: Path, base_temp: Path, env: dict[str, str] | None = None
-) -> dict[str, Any]:
+def _run_worker_once(worker: Path, base_temp: Path) -> dict[str, Any]:
     """The JSON the script ``worker`` prints, from one run shared by all pytest-xdist workers.
 
     A module-scoped fixture runs once per xdist process that draws one of the module's
     tests, so each 20-40 s worker script would run on both processes; a file lock and a
-    cache file in the session's shared temporary directory make it run once.
+    cache file in the session's shared temporary directory make it run once. The script
+    inherits this process's environment (the test XLA options of the root conftest.py) and
+    sets its own device count.
     """
     cache = base_temp / f"{worker.stem}.json"
     with FileLock(str(cache) + ".lock"):
         if not cache.exists():
             run = subprocess.run(
                 [sys.executable, str(worker)],
-                env={**os.environ, **(env or {})},
                 capture_output=True,
                 text=True,
                 timeout=600,
@@ -53,5 +51,5 @@ def shared_temp(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Pat
 
 @pytest.fixture(scope="session")
 def run_worker(shared_temp: Path) -> Callable[..., dict[str, Any]]:
-    """``run_worker(script, env=None)``: the JSON a worker script prints, run once a session."""
+    """``run_worker(script)``: the JSON a worker script prints, run once a session."""
     return functools.partial(_run_worker_once, base_temp=shared_temp)

@@ -133,21 +133,10 @@ def smooth():
 
 def test_derivative_tensors_match_nested_jacfwd_to_order_4(smooth):
     _, solve, x0, th0, te = smooth
-
-    # Nested forward mode, each level also returning the lower ones as auxiliary output:
-    # one chain of four nested jacfwd, not four separate chains (half the compile time).
-    def lift(inner):
-        def with_lower(th):
-            value, lower = inner(th)
-            return value, [*lower, value]
-
-        return jax.jacfwd(with_lower, has_aux=True)
-
-    nested = lambda th: (solve(x0, th), [])  # noqa: E731
+    nested = [lambda th: solve(x0, th)]
     for _ in range(4):
-        nested = lift(nested)
-    top, lower = jax.jit(nested)(th0)
-    truths = [*lower[1:], top]  # orders 1..4, shapes (3, 2, ..., 2)
+        nested.append(jax.jacfwd(nested[-1]))
+    truths = jax.jit(lambda th: [fn(th) for fn in nested[1:]])(th0)  # shapes (3, 2, ..., 2)
     delta = jnp.array([0.3, -0.7])
     derivs = te.derivatives(delta)
     for k, truth in enumerate(truths, start=1):
