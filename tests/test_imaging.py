@@ -18,7 +18,9 @@ from dargmin.errors import DargminError, DargminWarning
 from dargmin.imaging import (
     ChambollePock,
     FFTBlur,
+    GradientAndHessian2D,
     ImageSURE,
+    TVSecondOrder,
     TVTikhonov,
     generalized_lasso,
     implicit_solver,
@@ -125,7 +127,9 @@ def _fd_theta(prob, y, theta, j, h):
 
 
 @pytest.mark.parametrize(
-    "kind", ["denoising", "deblurring", "tv_tikhonov"], ids=lambda s: s.replace("_", "-")
+    "kind",
+    ["denoising", "deblurring", "tv_tikhonov", "tv_second_order"],
+    ids=lambda s: s.replace("_", "-"),
 )
 def test_forward_iterative_derivative_matches_finite_differences(kind):
     x, y, _ = _image(10)
@@ -133,6 +137,7 @@ def test_forward_iterative_derivative_matches_finite_differences(kind):
         "denoising": (tv_denoising(), np.array([0.15])),
         "deblurring": (tv_deblurring(FFTBlur.gaussian(x.shape, 0.7)), np.array([0.05])),
         "tv_tikhonov": (tv_denoising(TVTikhonov()), np.array([0.1, 0.3])),
+        "tv_second_order": (tv_denoising(TVSecondOrder()), np.array([0.1, 0.05])),
     }[kind]
     res = _quiet(solve_jvp, prob, y, theta, solver=TIGHT)
     for j in range(prob.n_params):
@@ -171,6 +176,60 @@ def test_implicit_derivative_fused_lasso_closed_form():
     np.testing.assert_allclose(dw, [1 / 3] * 3 + [-1 / 3] * 3, atol=1e-7)
 
 
+def test_gradient_and_hessian_operator_adjoint_and_norm():
+    # ⟨Dw, p⟩ = ⟨w, Dᵀp⟩ on random arrays, and the stated bound ‖D‖ ≥ the power-iteration value.
+    rng = np.random.default_rng(3)
+    D = GradientAndHessian2D()
+    w, p = rng.normal(size=(7, 9)), rng.normal(size=(5, 7, 9))
+    lhs, rhs = float(jnp.vdot(D.apply(w), p)), float(jnp.vdot(w, D.adjoint(p)))
+    assert abs(lhs - rhs) <= 1e-12 * abs(lhs)
+    v = jnp.asarray(rng.normal(size=(16, 16)))
+    for _ in range(300):
+        v = D.adjoint(D.apply(v))
+        v = v / jnp.linalg.norm(v)
+    estimate = float(jnp.linalg.norm(D.apply(v)))
+    assert 0.8 * D.norm() < estimate <= D.norm(), (estimate, D.norm())
+    # second differences of an affine image vanish everywhere, boundaries included
+    i, j = np.mgrid[0:8, 0:8]
+    assert float(jnp.abs(D.apply(2.0 * i - 3.0 * j)[2:]).max()) < 1e-13
+
+
+def test_second_order_prox_tangent_matches_jax_jvp():
+    # The hand-written tangent of the two-disc projection against JAX's jvp of the prox.
+    rng = np.random.default_rng(4)
+    pen, q = TVSecondOrder(), jnp.asarray(rng.normal(size=(5, 5, 5)))
+    theta = jnp.array([0.9, 1.1])
+    Q_dot, T_dot = jnp.asarray(rng.normal(size=(2, 5, 5, 5))), jnp.asarray(rng.normal(size=(2, 2)))
+    p, tangents = pen.dual_prox_jvp(q, Q_dot, 1.0, theta, T_dot)
+    for k in range(2):
+        p_ref, t_ref = jax.jvp(
+            lambda q_, t_: pen.dual_prox(q_, 1.0, t_), (q, theta), (Q_dot[k], T_dot[k])
+        )
+        np.testing.assert_allclose(p, p_ref, rtol=1e-12)
+        np.testing.assert_allclose(tangents[k], t_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_second_order_tv_restores_shading_better_than_tv():
+    # A tilted plane with one raised corner: TV alone staircases the shading, TV-TV² keeps it
+    # affine. At their best weights (small grids, true MSE) TV-TV² must lower the error by
+    # more than 10 % (measured: 17 %), every solve certified by its gap.
+    rng = np.random.default_rng(5)
+    i, j = np.mgrid[0:24, 0:24]
+    x = 0.04 * i + 0.03 * j + 0.5 * (j >= 12) * (i >= 8)
+    y = x + 0.1 * rng.normal(size=x.shape)
+    cfg = ChambollePock(tol=1e-6, max_iter=20_000)
+
+    def mse(prob, theta):
+        res = solve(prob, y, theta, solver=cfg)
+        assert float(res.gap) <= 1e-6 * float(res.primal)
+        return float(np.mean((np.asarray(res.w) - x) ** 2))
+
+    best_tv = min(mse(tv_denoising(), [t]) for t in (0.05, 0.08, 0.12, 0.18))
+    prob = tv_denoising(TVSecondOrder())
+    best_2 = min(mse(prob, [a, b]) for a in (0.04, 0.08) for b in (0.01, 0.03, 0.1))
+    assert best_2 < 0.9 * best_tv, (best_2, best_tv)
+
+
 # ------------------------------------------------------------------------- SURE, SUGAR
 def test_sugar_matches_finite_differences_of_fd_sure():
     # No warm starts: each estimate is then a function of θ alone, as finite differences need.
@@ -184,10 +243,15 @@ def test_sugar_matches_finite_differences_of_fd_sure():
     assert abs(g - fd) <= 1e-5 * abs(fd), (g, fd)
 
 
-def test_sugar_two_parameters_matches_finite_differences():
+@pytest.mark.parametrize(
+    ("penalty", "th"),
+    [(TVTikhonov(), [0.1, 0.3]), (TVSecondOrder(), [0.1, 0.05])],
+    ids=["tv-tikhonov", "tv-second-order"],
+)
+def test_sugar_two_parameters_matches_finite_differences(penalty, th):
     _, y, _ = _image(10)
-    est = ImageSURE(tv_denoising(TVTikhonov()), y, 0.2, solver=TIGHT, warm_start=False)
-    th = np.array([0.1, 0.3])
+    est = ImageSURE(tv_denoising(penalty), y, 0.2, solver=TIGHT, warm_start=False)
+    th = np.array(th)
     g = _quiet(est.sugar, th).grad
     for j, h in ((0, 1e-5), (1, 3e-5)):
         e = np.zeros(2)

@@ -19,10 +19,19 @@ from dargmin.imaging._operators import (  # the base classes
     FFTBlur,
     ForwardOperator,
     Gradient2D,
+    GradientAndHessian2D,
     Identity,
     MatrixAnalysis,
 )
-from dargmin.imaging._penalties import L1, AnisotropicTV, HuberTV, IsotropicTV, Penalty, TVTikhonov
+from dargmin.imaging._penalties import (
+    L1,
+    AnisotropicTV,
+    HuberTV,
+    IsotropicTV,
+    Penalty,
+    TVSecondOrder,
+    TVTikhonov,
+)
 from dargmin.imaging._problem import (
     RestorationProblem,
     generalized_lasso,
@@ -40,6 +49,7 @@ __all__ = [
     "FFTBlur",
     "ForwardOperator",
     "Gradient2D",
+    "GradientAndHessian2D",
     "HuberTV",
     "Identity",
     "ImageSURE",
@@ -49,6 +59,7 @@ __all__ = [
     "Penalty",
     "RestorationProblem",
     "SureValue",
+    "TVSecondOrder",
     "TVTikhonov",
     "TuneResult",
     "generalized_lasso",

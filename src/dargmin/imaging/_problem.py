@@ -82,14 +82,16 @@ class RestorationProblem(eqx.Module):
 
 def tv_denoising(penalty: Penalty | None = None) -> RestorationProblem:
     """``argmin_w ½‖y − w‖² + θ‖∇w‖₁,₂`` (or another penalty of the gradient, e.g.
-    :class:`~dargmin.imaging.TVTikhonov` for several parameters).
+    :class:`~dargmin.imaging.TVTikhonov` or :class:`~dargmin.imaging.TVSecondOrder` for
+    several parameters; the penalty brings its operator ``D``).
 
     Examples
     --------
     >>> tv_denoising().n_params
     1
     """
-    return RestorationProblem(ops.Identity(), ops.Gradient2D(), penalty or IsotropicTV())
+    penalty = penalty or IsotropicTV()
+    return RestorationProblem(ops.Identity(), penalty.default_analysis(), penalty)
 
 
 def tv_deblurring(blur: ops.FFTBlur, penalty: Penalty | None = None) -> RestorationProblem:
@@ -101,7 +103,8 @@ def tv_deblurring(blur: ops.FFTBlur, penalty: Penalty | None = None) -> Restorat
     >>> tv_deblurring(FFTBlur.gaussian((16, 16), 1.0)).n_params
     1
     """
-    return RestorationProblem(blur, ops.Gradient2D(), penalty or IsotropicTV())
+    penalty = penalty or IsotropicTV()
+    return RestorationProblem(blur, penalty.default_analysis(), penalty)
 
 
 def generalized_lasso(D: Any, forward: ops.ForwardOperator | None = None) -> RestorationProblem:
