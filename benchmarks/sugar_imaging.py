@@ -8,9 +8,10 @@ noise level σ:
 * oracle: ``θ`` minimizing the true MSE on a fine geometric grid (24 points on
   [0.3σ, 1.5σ], warm-started solves);
 * SUGAR: BFGS on ``log θ`` with the finite-difference Monte-Carlo SURE and its gradient
-  (one probe), warm starts, started from three FD-SURE values at ``σ·{½, 1, 2}`` (the
-  parabola's minimum; counted in the time); its time vs a 30-point grid of the same SURE
-  (warm-started);
+  (one probe), warm starts, started by ``coarse=(0.5, 1, 2)``: SUGAR at ``σ``, FD-SURE at
+  ``σ/2`` or ``2σ`` (the side its slope points to), BFGS from the parabola's minimum, and
+  stopped when a new value is within ``ftol = 1e-4`` of ``nσ²`` of the best (all counted in
+  the time); its time vs a 30-point grid of the same SURE (warm-started);
 * one SUGAR evaluation vs one solve (both cold, compiled, same ``θ``);
 * two-parameter penalties (TV-TV²: TV plus second-order TV; Huber TV) tuned by SUGAR,
   against the best single-parameter (TV) oracle.
@@ -181,8 +182,8 @@ def denoising_rows(name, x, sigma, cfg, n_oracle, n_grid, rng):
                                                coarse=(0.5, 1.0, 2.0))  # fmt: skip
     ImageSURE(prob, y, sigma, solver=cfg).grid([[sigma], [0.9 * sigma]])
     est = ImageSURE(prob, y, sigma, solver=cfg)
-    # Started by three FD-SURE values at σ·{½, 1, 2} (counted in the time); xrtol = 1e-2 in
-    # log θ (1–2.5 % in θ): the one-probe SURE's own minimizer scatters more than that.
+    # Started by SUGAR at σ and one FD-SURE value at σ/2 or 2σ (counted in the time); xrtol =
+    # 1e-2 in log θ (1–2.5 % in θ): the one-probe SURE's own minimizer scatters more than that.
     res = est.tune([sigma], progress=False, coarse=(0.5, 1.0, 2.0), xrtol=1e-2)
     row["sugar"] = (*metrics(x, res.w), float(res.theta[0]))
     row["tune_s"], row["n_evals"] = res.seconds, res.n_evals

@@ -305,3 +305,44 @@ def test_tuning_finds_the_grid_minimum_of_sure(coarse):
     if coarse is not None:  # two points define no parabola
         with pytest.raises(ValueError, match="at least 3 positive factors"):
             est.tune([0.2], progress=False, coarse=(1.0, 2.0))
+        with pytest.raises(ValueError, match="1 among them"):
+            est.tune([0.2], progress=False, coarse=(0.5, 2.0, 4.0))
+
+
+def test_coarse_start_looks_only_on_the_side_of_the_minimum():
+    # SUGAR at θ₀ first; its slope must send the finite-difference values to the side where
+    # a cold grid of the same SURE has its minimum, and skip the other side's factors.
+    _, y, _ = _image(16)
+    cfg = ChambollePock(tol=1e-7)
+    grid = np.geomspace(0.02, 0.8, 17)
+    vals = _quiet(
+        ImageSURE(tv_denoising(), y, 0.2, solver=cfg, warm_start=False).grid, grid[:, None]
+    )
+    best = grid[int(np.argmin(vals))]
+    factors = (0.25, 0.5, 1.0, 2.0, 4.0)
+    for theta0 in (4.0 * best, best / 4.0):
+        seen = []
+        est = ImageSURE(tv_denoising(), y, 0.2, solver=cfg)
+        res = _quiet(
+            est.tune, [theta0], progress=False, coarse=factors,
+            monitor=lambda t, v: seen.append(float(t[0])),
+        )  # fmt: skip
+        expected = [1.0, 0.5, 0.25] if theta0 > best else [1.0, 2.0, 4.0]
+        np.testing.assert_allclose(np.array(seen[:3]) / theta0, expected, rtol=1e-12)
+        assert best / 1.3 <= res.theta[0] <= best * 1.3, (theta0, res.theta, best)
+
+
+def test_tune_stops_on_a_flat_estimate_with_the_best_point_seen():
+    # ftol larger than any change: BFGS's first new point ends the search, and the result
+    # is the better of the two points seen (not the last); ftol = 0 leaves BFGS its own end.
+    _, y, _ = _image(16)
+    cfg = ChambollePock(tol=1e-7)
+    est = ImageSURE(tv_denoising(), y, 0.2, solver=cfg, warm_start=False)
+    res = _quiet(est.tune, [0.05], progress=False, ftol=10.0)
+    assert res.n_evals == 2 and "flat" in res.message
+    values = [v for _, v in res.history]
+    assert res.value == min(values)
+    assert res.theta[0] == res.history[int(np.argmin(values))][0][0]
+    full = _quiet(est.tune, [0.05], progress=False, ftol=0.0)
+    assert full.n_evals > 2 and "flat" not in full.message
+    assert full.value <= res.value
