@@ -9,7 +9,7 @@ ICML 2020 / JMLR 2022) or by forward/reverse differentiation of the inner solver
 A call flows one way through the modules: the problem (``_datafits``, ``_penalty_maps``,
 ``_problems``, ``_models``) →
 the inner solve (``_inner_solvers``, ``_sklearn_ridge_solvers``, ``_split_lbfgsb``,
-``_working_set``) → the derivative (``_hypergradients``, ``_support_solve``,
+``_prox_newton``, ``_working_set``) → the derivative (``_hypergradients``, ``_support_solve``,
 ``_unrolled``; one evaluation in ``_evaluation``) → the criterion
 (``_criteria``, ``_dof``, ``_risk``) → the outer loop (``_optimizers``, ``_outer``) → the
 estimators (``_estimator_base``: shared parameters and fit; ``_estimator_docs``: shared
@@ -79,6 +79,7 @@ from dargmin.hyper._outer import (
 )
 from dargmin.hyper._plot import plot_convergence
 from dargmin.hyper._problems import Cache, HyperProblem
+from dargmin.hyper._prox_newton import ProxNewton
 from dargmin.hyper._registry import REGISTRY, resolve
 from dargmin.hyper._risk import SURE, SureResult
 from dargmin.hyper._sklearn_ridge_solvers import RidgeDirect, SklearnSolver, default_solver
@@ -159,6 +160,7 @@ __all__ = [
     "OuterResult",
     "ProjectedGradientDescent",
     "ProxCD",
+    "ProxNewton",
     "Quadratic",
     "RidgeDirect",
     "RidgeHyperCV",

@@ -25,6 +25,7 @@ from dargmin.hyper._criteria import CrossVal, HeldOutMSE
 from dargmin.hyper._inner_solvers import ProxCD
 from dargmin.hyper._outer import default_bounds, optimize_hyperparameters, single_threaded_blas
 from dargmin.hyper._problems import HyperProblem
+from dargmin.hyper._prox_newton import ProxNewton
 from dargmin.hyper._registry import resolve
 from dargmin.hyper._sklearn_ridge_solvers import SklearnSolver, default_solver
 from dargmin.hyper._split_lbfgsb import SplitLBFGSB
@@ -35,7 +36,9 @@ from dargmin.hyper._working_set import WorkingSetCD
 SPARSE_DENSIFY_MAX = 20_000_000
 
 _SOLVER_CONSTRAINT = [
-    StrOptions({"auto", "cd", "fista", "ista", "sklearn", "direct", "lbfgsb", "working_set"}),
+    StrOptions(
+        {"auto", "cd", "fista", "ista", "sklearn", "direct", "lbfgsb", "prox_newton", "working_set"}
+    ),
     HasMethods(["solve"]),
 ]
 _BASE_CONSTRAINTS: dict[str, list[Any]] = {
@@ -82,9 +85,13 @@ def _search_solver(solver: Any, problem: HyperProblem) -> Any:
         return WorkingSetCD(tol=SEARCH_TOL_SKLEARN, kkt_tol=1e-2)
     if isinstance(default, SklearnSolver):
         return SklearnSolver(tol=SEARCH_TOL_SKLEARN, kkt_tol=1e-2)
+    if isinstance(default, ProxCD) and ProxNewton.supports(problem):
+        # Other data fits (logistic): proximal Newton, coordinate descent on each quadratic
+        # model (see _prox_newton).
+        return ProxNewton(tol=SEARCH_TOL_CD)
     if isinstance(default, ProxCD):
-        # Other data fits (logistic): L-BFGS-B on the split w = u − v converges where
-        # coordinate descent stalls on correlated columns (see _split_lbfgsb).
+        # L-BFGS-B on the split w = u − v converges where coordinate descent stalls on
+        # correlated columns (see _split_lbfgsb).
         return SplitLBFGSB(tol=SEARCH_TOL_CD, coarse_tol=SEARCH_COARSE_TOL)
     return default
 
@@ -94,6 +101,8 @@ def _refit_solver(solver: Any, problem: HyperProblem) -> Any:
     except for the data fits whose default, coordinate descent, is slow (logistic), and the
     single-``alpha`` models, whose working-set solver reaches the same tolerance faster."""
     if isinstance(solver, str) and solver == "auto":
+        if isinstance(default_solver(problem), ProxCD) and ProxNewton.supports(problem):
+            return ProxNewton()
         if isinstance(default_solver(problem), ProxCD):
             return SplitLBFGSB(coarse_tol=SEARCH_COARSE_TOL)
         if WorkingSetCD.supports(problem):

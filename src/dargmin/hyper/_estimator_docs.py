@@ -33,11 +33,12 @@ solver : str or InnerSolver, default="auto"
     Inner solver: an object (:class:`~dargmin.hyper.ProxCD`,
     :class:`~dargmin.hyper.FISTA`, :class:`~dargmin.hyper.SklearnSolver`,
     :class:`~dargmin.hyper.WorkingSetCD`,
-    :class:`~dargmin.hyper.SplitLBFGSB`...) or a name ("auto", "cd", "fista", "ista",
-    "sklearn", "direct", "lbfgsb", "working_set"). "auto" searches with
-    :func:`~dargmin.hyper.default_solver` at a looser tolerance (for one ℓ1 strength,
-    the Lasso and the elastic net, :class:`~dargmin.hyper.WorkingSetCD`; for the
-    logistic loss, :class:`~dargmin.hyper.SplitLBFGSB`) and refits at its tight default.
+    :class:`~dargmin.hyper.SplitLBFGSB`, :class:`~dargmin.hyper.ProxNewton`...) or a
+    name ("auto", "cd", "fista", "ista", "sklearn", "direct", "lbfgsb", "prox_newton",
+    "working_set"). "auto" searches with :func:`~dargmin.hyper.default_solver` at a looser
+    tolerance (for one ℓ1 strength, the Lasso and the elastic net,
+    :class:`~dargmin.hyper.WorkingSetCD`; for the logistic loss,
+    :class:`~dargmin.hyper.ProxNewton`) and refits at its tight default.
 max_iter : int, default=30
     Maximal number of outer iterations.
 fit_intercept : bool, default=True
