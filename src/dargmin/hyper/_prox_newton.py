@@ -211,7 +211,7 @@ class ProxNewton:
         if X_free.shape[1]:
             # Unpenalized columns (the intercept): project them out, solve for the rest,
             # recover them by least squares (exact for the model).
-            basis, _ = np.linalg.qr(root[:, None] * X_free)
+            basis, upper = np.linalg.qr(root[:, None] * X_free)
             design = design - basis @ (basis.T @ design)
             target_p = target - basis @ (basis.T @ target)
         else:
@@ -237,7 +237,9 @@ class ProxNewton:
         v[pen] = v_pen
         if X_free.shape[1]:
             residual = target - (root[:, None] * X_pen) @ v_active
-            v[~pen] = np.linalg.lstsq(root[:, None] * X_free, residual, rcond=None)[0]
+            # The least-squares fit of the free columns from their QR factors (R is
+            # |F| × |F|, invertible: an intercept's weighted column is never zero).
+            v[~pen] = np.linalg.solve(upper, basis.T @ residual)
         return v
 
 
