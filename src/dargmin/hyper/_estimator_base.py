@@ -9,6 +9,7 @@ start of the search and how ``θ`` maps to their attributes.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from numbers import Integral
 from typing import Any, ClassVar
@@ -59,14 +60,15 @@ _BASE_CONSTRAINTS: dict[str, list[Any]] = {
 
 #: Inner tolerances of the search with ``solver="auto"``: scikit-learn's duality-gap
 #: tolerance (100x tighter than ``LassoCV``'s default 1e-4, 100x looser than the refit's)
-#: and the relative KKT tolerance of :class:`SplitLBFGSB` (other data fits). Measured on
-#: make_regression 300x1000 and diabetes: the same test MSE (within 0.5 %) as 1e-8, at
-#: 3-10x less time.
+#: and the relative KKT tolerance of :class:`ProxNewton` / :class:`SplitLBFGSB` (other
+#: data fits). Measured on make_regression 300x1000 and diabetes: the same test MSE
+#: (within 0.5 %) as 1e-8, at 3-10x less time.
 SEARCH_TOL_SKLEARN = 1e-6
 SEARCH_TOL_CD = 1e-6
-#: L-BFGS-B's loose tolerance before the Newton steps on the support (logistic search and
-#: refit, :class:`SplitLBFGSB`): the same selected alpha and CV loss on breast_cancer and
-#: make_classification 300x300, with 0.6x the CPU time on breast_cancer (1e-2: 0.9x).
+#: L-BFGS-B's loose tolerance before the Newton steps on the support (:class:`SplitLBFGSB`,
+#: the logistic search and refit with per-feature penalties): the same selected alpha and
+#: CV loss on breast_cancer and make_classification 300x300, with 0.6x the CPU time on
+#: breast_cancer (1e-2: 0.9x).
 SEARCH_COARSE_TOL = 1e-4
 
 #: The outer search stops when a step moves ``log alpha`` by less than this: ``alpha`` to
@@ -85,15 +87,21 @@ def _search_solver(solver: Any, problem: HyperProblem) -> Any:
         return WorkingSetCD(tol=SEARCH_TOL_SKLEARN, kkt_tol=1e-2)
     if isinstance(default, SklearnSolver):
         return SklearnSolver(tol=SEARCH_TOL_SKLEARN, kkt_tol=1e-2)
-    if isinstance(default, ProxCD) and ProxNewton.supports(problem):
-        # Other data fits (logistic): proximal Newton, coordinate descent on each quadratic
-        # model (see _prox_newton).
-        return ProxNewton(tol=SEARCH_TOL_CD)
     if isinstance(default, ProxCD):
-        # L-BFGS-B on the split w = u − v converges where coordinate descent stalls on
-        # correlated columns (see _split_lbfgsb).
-        return SplitLBFGSB(tol=SEARCH_TOL_CD, coarse_tol=SEARCH_COARSE_TOL)
+        return _smooth_loss_solver(problem, tol=SEARCH_TOL_CD)
     return default
+
+
+def _smooth_loss_solver(problem: HyperProblem, tol: float | None = None) -> Any:
+    """The solver of the data fits whose default, coordinate descent, is slow (logistic), at
+    ``tol`` (``None``: its own default): proximal Newton, coordinate descent on each
+    quadratic model (see _prox_newton), for one ℓ1 strength; otherwise L-BFGS-B on the split
+    w = u − v, which converges where coordinate descent stalls on correlated columns (see
+    _split_lbfgsb)."""
+    solver: ProxNewton | SplitLBFGSB = (
+        ProxNewton() if ProxNewton.supports(problem) else SplitLBFGSB(coarse_tol=SEARCH_COARSE_TOL)
+    )
+    return solver if tol is None else dataclasses.replace(solver, tol=tol)
 
 
 def _refit_solver(solver: Any, problem: HyperProblem) -> Any:
@@ -101,10 +109,8 @@ def _refit_solver(solver: Any, problem: HyperProblem) -> Any:
     except for the data fits whose default, coordinate descent, is slow (logistic), and the
     single-``alpha`` models, whose working-set solver reaches the same tolerance faster."""
     if isinstance(solver, str) and solver == "auto":
-        if isinstance(default_solver(problem), ProxCD) and ProxNewton.supports(problem):
-            return ProxNewton()
         if isinstance(default_solver(problem), ProxCD):
-            return SplitLBFGSB(coarse_tol=SEARCH_COARSE_TOL)
+            return _smooth_loss_solver(problem)
         if WorkingSetCD.supports(problem):
             return WorkingSetCD()
     return resolve("solver", solver, problem)

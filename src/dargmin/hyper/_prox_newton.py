@@ -43,7 +43,7 @@ from dargmin.hyper._inner_solvers import (
 from dargmin.hyper._problems import HyperProblem, Quadratic
 from dargmin.hyper._registry import register
 from dargmin.hyper._split_lbfgsb import _polish
-from dargmin.hyper._working_set import _cd_subproblem
+from dargmin.hyper._working_set import WS_MIN, _cd_subproblem, largest_features
 
 Array = Any
 
@@ -249,12 +249,11 @@ class ProxNewton:
 def _working_set(w: np.ndarray, g: np.ndarray, lam: float) -> np.ndarray:
     """The penalized coordinates of the next model: the support, every coordinate that
     violates its KKT condition (``|gⱼ| > λ``, so the outer test cannot stall on one left
-    out), and the next-largest ``|gⱼ|`` up to twice the support (at least 16): coordinate
-    descent then runs on ``n × |W|`` columns instead of all ``p``."""
+    out), and the next-largest ``|gⱼ|`` up to twice their number (at least ``WS_MIN``):
+    coordinate descent then runs on ``n × |W|`` columns instead of all ``p``."""
     keep = (w != 0) | (np.abs(g) > lam)
-    size = min(w.size, max(16, 2 * int(np.count_nonzero(keep))))
-    score = np.where(keep, np.inf, np.abs(g))
-    return np.sort(np.argpartition(-score, size - 1)[:size])
+    size = min(w.size, max(WS_MIN, 2 * int(np.count_nonzero(keep))))
+    return largest_features(np.abs(g), keep, size)
 
 
 register("solver", "prox_newton", lambda problem, **_: ProxNewton())

@@ -49,6 +49,19 @@ WS_MAX_ROUNDS = 30
 _UNUSED_RNG = np.random.RandomState(0)
 
 
+def largest_features(score: np.ndarray, keep: np.ndarray, size: int) -> np.ndarray:
+    """The sorted indices of the ``size`` features of largest ``score``, every feature with
+    ``keep`` among them (``size`` must be at least their number).
+
+    Examples
+    --------
+    >>> largest_features(np.array([0.1, 0.9, 0.5, 0.0]), np.array([1, 0, 0, 0], bool), 2).tolist()
+    [0, 1]
+    """
+    ranked = np.where(keep, np.inf, score)
+    return np.sort(np.argpartition(-ranked, size - 1)[:size])
+
+
 def _cd_subproblem(
     w: np.ndarray, l1: float, l2: float, XW: np.ndarray, y: np.ndarray, max_iter: int, tol: float
 ) -> tuple[np.ndarray, int]:
@@ -172,9 +185,8 @@ class WorkingSetCD:
             if size >= p:
                 W = np.arange(p)
             else:
-                score = np.abs(c)
-                score[w != 0] = np.inf  # the support stays in the working set
-                W = np.sort(np.argpartition(-score, size - 1)[:size])
+                # the support stays in the working set
+                W = largest_features(np.abs(c), w != 0, size)
             XW = np.asfortranarray(X[:, W])
             wW, it = _cd_subproblem(
                 np.ascontiguousarray(w[W]), lam, mu, XW, y, self.max_iter, self.tol

@@ -47,6 +47,13 @@ def _group_norm(u: Array) -> Array:
     return jnp.sqrt(_squares(u) + 1e-300)
 
 
+def _project_on_discs(q: Array, radius: Array) -> Array:
+    # Each pixel's q (leading axis: its components) onto the disc of the given radius, as
+    # q · r/max(r, |q|): one division per pixel, not per component. (Not rsqrt: its
+    # derivative at the floor overflows, and 0 · inf made the Jacobian NaN at q = 0.)
+    return q * (radius / jnp.maximum(radius, _group_norm(q)))
+
+
 class Penalty(eqx.Module):
     """``F_θ(Dw)`` through ``value``, ``conj`` and ``dual_prox`` (see the module docstring)."""
 
@@ -151,9 +158,7 @@ class IsotropicTV(Penalty):
         return jnp.zeros((), p.dtype)
 
     def dual_prox(self, q: Array, sigma: Array, theta: Array) -> Array:
-        # q · θ/max(θ, |q|): one division per pixel, not per component. (Not rsqrt: its
-        # derivative at the floor overflows, and 0 · inf made the Jacobian NaN at q = 0.)
-        return q * (theta[0] / jnp.maximum(theta[0], _group_norm(q)))
+        return _project_on_discs(q, theta[0])
 
     def dual_prox_jvp(
         self, q: Array, Q_dot: Array, sigma: Array, theta: Array, Theta_dot: Array
@@ -260,12 +265,8 @@ class TVSecondOrder(Penalty):
         return jnp.zeros((), p.dtype)
 
     def dual_prox(self, q: Array, sigma: Array, theta: Array) -> Array:
-        first, second = q[:2], q[2:]
         return jnp.concatenate(
-            [
-                first * (theta[0] / jnp.maximum(theta[0], _group_norm(first))),
-                second * (theta[1] / jnp.maximum(theta[1], _group_norm(second))),
-            ]
+            [_project_on_discs(q[:2], theta[0]), _project_on_discs(q[2:], theta[1])]
         )
 
     def dual_prox_jvp(
