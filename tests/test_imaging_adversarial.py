@@ -23,6 +23,7 @@ from dargmin.errors import DargminError, DargminWarning, failure_reason
 from dargmin.imaging import (
     ChambollePock,
     FFTBlur,
+    TVSecondOrder,
     generalized_lasso,
     implicit_solver,
     solve,
@@ -198,6 +199,38 @@ def test_solve_jvp_wrong_shapes_are_refused_while_tracing():
     for call, text in cases:
         msg = _refused("bad_shape", call)
         assert text in msg, msg
+
+
+# ------------------------------------------------- solve_jvp: two weights (TV-TV²)
+def test_second_order_tv_derivative_and_refusals_in_every_mode():
+    # The two-weight penalty on its own operator: the θ-derivative against checked central
+    # differences, eager and through one jit(vmap) program; a bad member of a batch named;
+    # a one-entry θ and a 2 × 2 image refused while tracing; a NaN pixel refused.
+    prob, theta = tv_denoising(TVSecondOrder()), np.array([0.08, 0.03])
+    y8 = Y[2:10, 2:10]  # small: the checked differences need tight re-solves
+
+    def derivative(th, y=y8):
+        return solve_jvp(prob, y, th, solver=CFG).w_dot
+
+    batched = jax.jit(jax.vmap(lambda th: derivative(th)))
+    for j in range(2):
+        e = np.zeros(2)
+        e[j] = 1e-4 * theta[j]
+
+        def diff(step, e=e):
+            up = _quiet(solve, prob, y8, theta + step * e, solver=TIGHT).w
+            down = _quiet(solve, prob, y8, theta - step * e, solver=TIGHT).w
+            return np.asarray(up - down) / (2 * step * e[j])
+
+        fd, half = diff(1.0), diff(0.5)
+        assert np.linalg.norm(fd - half) <= 1e-3 * np.linalg.norm(fd), "step not checked"
+        _close(_quiet(derivative, theta)[j], fd)
+        _close(batched(jnp.stack([theta, 2 * theta]))[0, j], fd)
+    msg = _refused("out_of_domain", batched, jnp.array([theta, [0.08, -0.01]]), typed=False)
+    assert "batch member(s) (1,)" in msg
+    assert "theta must have 2 entries" in _refused("bad_shape", derivative, np.array([0.1]))
+    assert "at least 3 × 3" in _refused("bad_shape", derivative, theta, np.ones((2, 2)))
+    _refused("nonfinite", derivative, theta, Y_NAN[:8, :8])
 
 
 # ----------------------------------------------------------------- solve_jvp: huge θ
