@@ -31,6 +31,7 @@ from dargmin.hyper import (
     elastic_net,
     enable_compilation_cache,
     lasso,
+    optimize_hyperparameters,
     sparse_logistic,
     weighted_lasso,
 )
@@ -168,3 +169,28 @@ def test_split_lbfgsb_coarse_phase_matches_liblinear(alpha):
     assert res.converged
     np.testing.assert_allclose(res.coef, ref.coef_[0], atol=2e-5)
     assert np.array_equal(res.coef != 0, np.abs(ref.coef_[0]) > 1e-8)
+
+
+class _CountingWorkingSetCD(WorkingSetCD):
+    calls = 0
+
+    def solve(self, problem, log_theta, w0=None):
+        type(self).calls += 1
+        return super().solve(problem, log_theta, w0)
+
+
+def test_coarse_path_solver_is_used_and_keeps_the_optimum():
+    # A looser solver on the coarse path (it only picks the basin) must not move the
+    # optimum the descent finds: the reference is the same search with one solver.
+    X, y = make_regression(150, 300, n_informative=10, noise=5.0, random_state=0)
+    problem, criterion = lasso(X, y), CrossVal(HeldOutMSE, cv=KFold(3))
+    options = dict(solver=WorkingSetCD(tol=1e-6), n_path=6, xtol=1e-2)
+    reference = optimize_hyperparameters(problem, criterion, **options)
+    path_solver = _CountingWorkingSetCD(tol=1e-5, kkt_tol=1e-1)
+    found = optimize_hyperparameters(problem, criterion, path_solver=path_solver, **options)
+    # The path's value-only solves (one per fold and path point, at least two points)
+    # went to the path solver; the descent's to the search solver.
+    assert _CountingWorkingSetCD.calls >= 3 * 2
+    assert _CountingWorkingSetCD.calls % 3 == 0
+    np.testing.assert_allclose(found.log_theta, reference.log_theta, atol=1e-2)
+    np.testing.assert_allclose(found.value, reference.value, rtol=1e-4)

@@ -27,6 +27,7 @@ from dargmin.hyper._estimator_base import (  # noqa: F401 - re-exported (histori
     SPARSE_DENSIFY_MAX,
     _dense,
     _HyperCVBase,
+    _path_solver,
     _Regressor,
     _search_solver,
     _store_params,
@@ -39,11 +40,13 @@ from dargmin.hyper._outer import default_bounds, optimize_hyperparameters
 def _lasso_start(est: _HyperCVBase, X: np.ndarray, y: np.ndarray, max_iter: int) -> float:
     """``log alpha`` of the single-alpha CV optimum (a warm start for richer models)."""
     single = lasso(X, y, fit_intercept=est.fit_intercept)
+    search_solver = _search_solver(est.solver, single)
     res = optimize_hyperparameters(
         single,
         CrossVal(est._criterion, cv=est.cv),
         method=est.method,
-        solver=_search_solver(est.solver, single),
+        solver=search_solver,
+        path_solver=_path_solver(search_solver),
         max_iter=max_iter,
         n_path=est.n_path,
         xtol=SEARCH_XTOL,

@@ -121,6 +121,7 @@ def optimize_hyperparameters(
     rgtol: float = 1e-4,
     xtol: float = 1e-3,
     n_jobs: int | None = None,
+    path_solver: Any = None,
     **hypergradient_options: Any,
 ) -> OuterResult:
     """Hypergradient descent: minimize ``R(θ) = C(ŵ(θ))`` over ``log_theta``.
@@ -159,6 +160,10 @@ def optimize_hyperparameters(
         See :func:`minimize_hyper`.
     n_path
         Number of coarse-path points evaluated before the descent (0: none).
+    path_solver
+        Inner solver of the coarse path's value-only solves (default ``solver``): a looser
+        tolerance there only has to pick the basin; the descent starts with a solve by
+        ``solver``, warm-started from the path's solution.
     n_jobs
         Threads solving the CV folds concurrently (see :func:`hypergradient`).
     **hypergradient_options
@@ -186,6 +191,11 @@ def optimize_hyperparameters(
         # One solver object per fold (a copy of a user's instance): scikit-learn's warm start
         # lives in the estimator object, which must not be shared between folds.
         solvers = [copy.deepcopy(resolve("solver", solver, p)) for p in base]
+        path_solvers = (
+            solvers
+            if path_solver is None
+            else [copy.deepcopy(resolve("solver", path_solver, p)) for p in base]
+        )
 
         def evaluate(th: np.ndarray, w0: Any) -> tuple[float, np.ndarray, Any]:
             hg = hypergradient(
@@ -197,7 +207,7 @@ def optimize_hyperparameters(
             # The coarse path only compares criterion values: no support systems.
             pairs = criterion.folds(problem) if folds else [(problem, criterion)]
             starts = [None] * len(pairs) if w0 is None else (list(w0) if folds else [w0])
-            results = solve_folds(pairs, solvers, th, starts, n_jobs)
+            results = solve_folds(pairs, path_solvers, th, starts, n_jobs)
             coefs = [np.asarray(r.coef) for r in results]
             with jax.enable_x64(True):
                 vals = [
