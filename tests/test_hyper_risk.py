@@ -199,11 +199,14 @@ def test_sure_selects_a_near_oracle_lasso_alpha():
         risks.append(np.sum((np.asarray(prob.decision_function(X, res.coef)) - mean) ** 2))
     risks = np.array(risks)
     assert risks[int(np.argmin(sures))] <= 1.1 * risks.min()
-    # Hypergradient descent on SUGAR (smooth in θ) reaches a comparable risk.
+    # Hypergradient descent on SUGAR (smooth in θ) minimizes it at least as well as the
+    # grid does (the same estimate, same probes, at each grid alpha). Not a bound on its
+    # true risk: SURE is unbiased but noisy, and here a better minimizer (exact SURE 18.2
+    # against the grid's best 19.7) has risk 20.0, against 18.1 at the grid's SURE choice
+    # and 16.7 at the oracle's.
     out = optimize_sure(prob, SIGMA, df="finite_difference", n_probes=2, max_iter=30)
-    w_hat = TIGHT.solve(prob, out.log_theta).coef
-    risk = np.sum((np.asarray(prob.decision_function(X, w_hat)) - mean) ** 2)
-    assert risk <= 1.1 * risks.min()
+    sugar = SURE(SIGMA, "finite_difference", n_probes=2)
+    assert out.value <= min(sugar.evaluate(prob, [np.log(a)]).value for a in alphas)
 
 
 def test_sure_as_a_criterion_of_the_hyper_machinery():

@@ -215,6 +215,36 @@ def test_outer_loop_stops_quietly_at_a_kink():
     assert abs(res.log_theta[0] - 1.0) < 2e-3
 
 
+def test_barzilai_borwein_step_is_the_secant_step_on_a_quadratic():
+    # R = (θ − 1)²: after one capped step, the Barzilai–Borwein step is the secant step of
+    # the derivative, exact on a quadratic; the fixed doubling rule needs many more.
+    def run(optimizer):
+        calls = []
+
+        def fun(t):
+            calls.append(float(t[0]))
+            return float((t[0] - 1.0) ** 2), 2 * (t - 1.0)
+
+        res = hyper.minimize_hyper(fun, [3.0], optimizer=optimizer, max_step=1.5, xtol=1e-9)
+        return res, calls
+
+    res, calls = run(hyper.ProjectedGradientDescent())
+    assert calls[:2] == [3.0, 1.5]
+    assert calls[2] == pytest.approx(1.0, abs=1e-12)
+    assert res.log_theta[0] == pytest.approx(1.0, abs=1e-12)
+    _, fixed_calls = run(hyper.ProjectedGradientDescent(barzilai_borwein=False))
+    assert len(fixed_calls) > len(calls)
+
+
+def test_rejected_step_shrinks_to_the_quadratic_minimizer():
+    from dargmin.hyper._optimizers import _backtrack_factor
+
+    # φ(τ) = −τ + aτ² along the step: φ(0) = 0, φ'(0) = −1, minimizer τ = 1/(2a).
+    for a, expected in [(1.0, 0.5), (2.5, 0.2), (10.0, 0.1), (50.0, 0.1)]:
+        assert _backtrack_factor(0.0, -1.0 + a, -1.0) == pytest.approx(expected)
+    assert _backtrack_factor(0.0, float("nan"), -1.0) == 0.5
+
+
 def test_reused_monitor_does_not_leak_earlier_runs():
     mon = hyper.Monitor()
     hyper.minimize_hyper(lambda t: (float((t[0] - 1) ** 2), 2 * (t - 1)), [3.0], monitor=mon)
