@@ -194,3 +194,27 @@ def test_coarse_path_solver_is_used_and_keeps_the_optimum():
     assert _CountingWorkingSetCD.calls % 3 == 0
     np.testing.assert_allclose(found.log_theta, reference.log_theta, atol=1e-2)
     np.testing.assert_allclose(found.value, reference.value, rtol=1e-4)
+
+
+def test_host_fold_solve_matches_the_layers_jax_solve():
+    # The one-device host Cholesky (no compilation) against the linear-system layer's
+    # vmapped JAX Cholesky: same solutions and condition bounds; a singular member (a
+    # duplicated column) is flagged by both (an infinite or > _COND_MAX bound).
+    from dargmin.hyper._support_solve import (
+        _COND_MAX,
+        _cholesky_solve_folds,
+        _cholesky_solve_folds_host,
+    )
+
+    rng = np.random.default_rng(0)
+    A = rng.normal(size=(4, 16, 40))
+    A[3, 1] = A[3, 0]  # fold 3: two identical active columns
+    Hs = A @ np.swapaxes(A, 1, 2)
+    Bs = rng.normal(size=(4, 16, 1))
+    X_host, cond_host = _cholesky_solve_folds_host(Hs, Bs)
+    with jax.enable_x64(True):
+        X_jax, cond_jax = (np.asarray(a) for a in _cholesky_solve_folds(Hs, Bs))
+    np.testing.assert_allclose(X_host[:3], X_jax[:3], rtol=1e-10)
+    np.testing.assert_allclose(X_host[:3], np.linalg.solve(Hs[:3], Bs[:3]), rtol=1e-10)
+    np.testing.assert_allclose(cond_host[:3], cond_jax[:3], rtol=1e-10)
+    assert cond_host[3] >= _COND_MAX and cond_jax[3] >= _COND_MAX

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dargmin.diagnostics import DargminWarning
+from dargmin.hyper import _support_solve as support_solves
 from dargmin.hyper._penalty_maps import _penalty_vectors
 from dargmin.hyper._problems import HyperProblem
 from dargmin.hyper._registry import register
@@ -48,6 +49,7 @@ from dargmin.hyper._support_solve import (
     _COND_MAX,
     SupportSolve,
     _cholesky_solve_folds,
+    _cholesky_solve_folds_host,
     _padded,
     _padded_size,
     _place_folds,
@@ -230,8 +232,9 @@ class ImplicitSupport(HypergradientMethod):
         solutions ``ws``, with the support systems solved in one batched call.
 
         The systems are padded to a common size and solved by a Cholesky factorization
-        vmapped over the folds; when several JAX devices exist (and :data:`SHARD_FOLDS`),
-        the fold axis is sharded over them. A fold whose system is (nearly) singular is
+        per fold on the host (NumPy/SciPy: nothing to compile); when several JAX devices
+        exist (and :data:`SHARD_FOLDS`), by one vmapped JAX factorization with the fold
+        axis sharded over them. A fold whose system is (nearly) singular is
         re-solved alone by :func:`_support_solve` (minimum-norm solution or a clear error).
         """
         if any(p.smooth for p, _ in pairs) and self.smooth_backend == "argmin":
@@ -248,9 +251,12 @@ class ImplicitSupport(HypergradientMethod):
         size = _padded_size(max(systems[k].S.size for k in active))
         padded = [_padded(systems[k].H, systems[k].rhs[:, None], size) for k in active]
         Hs, Bs = np.stack([h for h, _ in padded]), np.stack([b for _, b in padded])
-        with jax.enable_x64(True):
-            X, cond = _cholesky_solve_folds(*_place_folds(Hs, Bs))
-            X, cond = np.asarray(X), np.asarray(cond)
+        if support_solves.SHARD_FOLDS and jax.device_count() > 1:
+            with jax.enable_x64(True):
+                X, cond = _cholesky_solve_folds(*_place_folds(Hs, Bs))
+                X, cond = np.asarray(X), np.asarray(cond)
+        else:
+            X, cond = _cholesky_solve_folds_host(Hs, Bs)
         for i, k in enumerate(active):
             sy = systems[k]
             if cond[i] < _COND_MAX:
