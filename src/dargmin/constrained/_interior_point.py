@@ -32,17 +32,19 @@ class InteriorPoint:
       passes ``info.converged``: in qpth's random QPs 3–8 iterations at n = 100.
     * **primal path** (``Q`` semidefinite, an LP): ``Q + Gᵀ diag(λ/s) G`` and the Schur
       complement ``A (·)⁻¹ Aᵀ`` by Cholesky (``1e-14`` / ``1e-13`` relative shifts),
-      iterating until the primal and dual residuals are below ``tol`` times ``1 +`` the
-      size of the data (``max(‖b‖∞, ‖h‖∞)``; ``‖q‖∞``) and the largest complementarity
-      product ``max sᵢλᵢ / (max(1, ‖x‖∞) max(1, ‖λ‖∞))`` is below ``gap_tol``, or
-      ``max_iter`` iterations, or a vanishing step; then it polishes once (a dense LU).
+      iterating until the primal and dual residuals are below ``tol`` times the size of
+      the data and of their rounding (``1 + max(‖b‖∞, ‖h‖∞) + ‖C‖∞ x̄``;
+      ``1 + ‖q‖∞ + ‖Q‖∞ x̄``, with ``x̄ = max(1, ‖x‖∞)`` and ``‖·‖∞`` of a matrix its
+      largest absolute row sum) and the largest complementarity product
+      ``max sᵢλᵢ / ((1 + ‖C‖∞) x̄ max(1, ‖λ‖∞))`` is below ``gap_tol``, or ``max_iter``
+      iterations, or a vanishing step; then it polishes once (a dense LU).
 
     The *polish* solves the equality-constrained QP of the active set the iterate suggests
     (``λᵢ > sᵢ``) exactly and keeps it if feasible with ``λ ≥ 0`` (to ``tol``). The result
     has exact complementarity, so a weakly active constraint ends with both its multiplier
     and its slack at rounding level, recognized as degenerate by the KKT check instead of
     being silently assigned to one side. ``info.converged`` tests the returned point
-    (residuals as above, ``sᵀλ ≤ gap_tol·m·max(1, ‖x‖∞)·max(1, ‖λ‖∞)``); the KKT check
+    (residuals as above, ``sᵀλ ≤ gap_tol (1 + ‖C‖∞) x̄ max(1, ‖λ‖∞)``); the KKT check
     refuses to differentiate an unconverged point. Defaults: ``tol = 1e-10``,
     ``gap_tol = 1e-12`` in float64; ``1e-5`` and ``1e-7`` in float32.
 
@@ -83,6 +85,23 @@ class InteriorPoint:
         scale_p = 1.0 + jnp.maximum(
             jnp.max(jnp.abs(b), initial=0.0), jnp.max(jnp.abs(h), initial=0.0)
         )
+        # ‖Q‖∞ and ‖[A; G]‖∞ (largest absolute row sums): the residuals' rounding error is
+        # about eps·‖Q‖∞‖x‖∞ (and ‖C‖∞‖x‖∞ for Cx, the slacks, hence sᵢλᵢ), so the tests
+        # scale with them. Without them, float32 on qpth's random QPs (n = 30) never met
+        # the gap test: slacks rounded at ~1e-5, 60 iterations and info.converged false on
+        # solutions accurate to 5e-7.
+        q_norm = jnp.max(jnp.sum(jnp.abs(Q), axis=1), initial=0.0)
+        c_norm = jnp.maximum(
+            jnp.max(jnp.sum(jnp.abs(A), axis=1), initial=0.0),
+            jnp.max(jnp.sum(jnp.abs(G), axis=1), initial=0.0),
+        )
+
+        def within(primal: jax.Array, dual: jax.Array, x_scale: jax.Array) -> jax.Array:
+            """The residual tests of ``info.converged`` at a point with ``‖x‖∞ ≤ x_scale``."""
+            return (primal <= tol * (scale_p + c_norm * x_scale)) & (
+                dual <= tol * (scale_q + q_norm * x_scale)
+            )
+
         diag_scale = jnp.maximum(jnp.max(jnp.abs(jnp.diag(Q)), initial=0.0), 1.0)
         # Why hand-written: no maintained JAX QP solver returns accurate duals (jaxopt is
         # unmaintained and its OSQP stops at 1e-3); the KKT derivative needs both.
@@ -141,10 +160,8 @@ class InteriorPoint:
             primal, dual, gap = qp_residuals(data, x, nu, lam)
             x_scale = jnp.maximum(1.0, jnp.max(jnp.abs(x), initial=0.0))
             lam_scale = jnp.maximum(1.0, jnp.max(lam, initial=0.0))
-            return (
-                (primal <= tol * scale_p)
-                & (dual <= tol * scale_q)
-                & (gap * max(m, 1) <= gap_tol * x_scale * lam_scale)
+            return within(primal, dual, x_scale) & (
+                gap * max(m, 1) <= gap_tol * (1.0 + c_norm) * x_scale * lam_scale
             )
 
         def measures(state: tuple) -> tuple:
@@ -157,7 +174,7 @@ class InteriorPoint:
             # active pair then ends with both below √gap_tol relative.
             s, lam = state[1], state[2]
             lam_scale = jnp.maximum(1.0, jnp.max(lam, initial=0.0))
-            return jnp.max(s * lam, initial=0.0) / (x_scale * lam_scale)
+            return jnp.max(s * lam, initial=0.0) / ((1.0 + c_norm) * x_scale * lam_scale)
 
         def done(residuals: tuple, state: tuple, x_scale: jax.Array) -> jax.Array:
             """The interior point's own stopping test (``residuals`` in x)."""
@@ -166,11 +183,7 @@ class InteriorPoint:
                 jnp.max(jnp.abs(r_p), initial=0.0), jnp.max(jnp.abs(r_g), initial=0.0)
             )
             dual = jnp.max(jnp.abs(r_d), initial=0.0)
-            return (
-                (primal <= tol * scale_p)
-                & (dual <= tol * scale_q)
-                & (complementarity(state, x_scale) <= gap_tol)
-            )
+            return within(primal, dual, x_scale) & (complementarity(state, x_scale) <= gap_tol)
 
         def step(factorize: Any, resolve: Any, measure: Any, times_g: Any, state: tuple):
             """One Mehrotra iteration, with the Newton systems solved by ``factorize``
@@ -326,10 +339,8 @@ class InteriorPoint:
                     jnp.max(jnp.abs(cz[:p] - b), initial=0.0), jnp.max(-slack, initial=0.0)
                 )
                 gap = jnp.sum(jnp.maximum(slack, 0.0) * lam_p) / max(m, 1)
-                passes = (
-                    (primal <= tol * scale_p)
-                    & (jnp.max(jnp.abs(r_x), initial=0.0) <= tol * scale_q)
-                    & (gap * max(m, 1) <= gap_tol * x_scale * lam_scale)
+                passes = within(primal, jnp.max(jnp.abs(r_x), initial=0.0), x_scale) & (
+                    gap * max(m, 1) <= gap_tol * (1.0 + c_norm) * x_scale * lam_scale
                 )
                 pick = functools.partial(jnp.where, ok)
                 return (pick(z_p, z), pick(nu_p, nu), pick(lam_p, lam)), ok & passes
