@@ -102,6 +102,18 @@ class InteriorPoint:
                 dual <= tol * (scale_q + q_norm * x_scale)
             )
 
+        def converged(
+            primal: jax.Array,
+            dual: jax.Array,
+            gap: jax.Array,
+            x_scale: jax.Array,
+            lam_scale: jax.Array,
+        ) -> jax.Array:
+            """``info.converged`` from a point's residuals, mean ``sᵢλᵢ`` and scales."""
+            return within(primal, dual, x_scale) & (
+                gap * max(m, 1) <= gap_tol * (1.0 + c_norm) * x_scale * lam_scale
+            )
+
         diag_scale = jnp.maximum(jnp.max(jnp.abs(jnp.diag(Q)), initial=0.0), 1.0)
         # Why hand-written: no maintained JAX QP solver returns accurate duals (jaxopt is
         # unmaintained and its OSQP stops at 1e-3); the KKT derivative needs both.
@@ -160,9 +172,7 @@ class InteriorPoint:
             primal, dual, gap = qp_residuals(data, x, nu, lam)
             x_scale = jnp.maximum(1.0, jnp.max(jnp.abs(x), initial=0.0))
             lam_scale = jnp.maximum(1.0, jnp.max(lam, initial=0.0))
-            return within(primal, dual, x_scale) & (
-                gap * max(m, 1) <= gap_tol * (1.0 + c_norm) * x_scale * lam_scale
-            )
+            return converged(primal, dual, gap, x_scale, lam_scale)
 
         def measures(state: tuple) -> tuple:
             x, s, lam, nu, _ = state
@@ -185,13 +195,20 @@ class InteriorPoint:
             dual = jnp.max(jnp.abs(r_d), initial=0.0)
             return within(primal, dual, x_scale) & (complementarity(state, x_scale) <= gap_tol)
 
-        def step(factorize: Any, resolve: Any, measure: Any, times_g: Any, state: tuple):
+        def step(
+            factorize: Any,
+            resolve: Any,
+            measure: Any,
+            times_g: Any,
+            state: tuple,
+            residuals: tuple | None = None,
+        ) -> tuple:
             """One Mehrotra iteration, with the Newton systems solved by ``factorize``
             (factors and the predictor) and ``resolve`` (the corrector, same factors), the
-            residuals from ``measure`` and the products ``G·dx`` / ``Gᵀ·v`` from
-            ``times_g(dx)`` / ``times_g(v, transpose=True)``."""
+            residuals ``measure(state)`` (unless given) and the products ``G·dx`` /
+            ``Gᵀ·v`` from ``times_g(dx)`` / ``times_g(v, transpose=True)``."""
             x, s, lam, nu, k = state
-            r_d, r_p, r_g = measure(state)
+            r_d, r_p, r_g = measure(state) if residuals is None else residuals
             mu = jnp.dot(s, lam) / max(m, 1)
             d = lam / s
 
@@ -339,33 +356,33 @@ class InteriorPoint:
                     jnp.max(jnp.abs(cz[:p] - b), initial=0.0), jnp.max(-slack, initial=0.0)
                 )
                 gap = jnp.sum(jnp.maximum(slack, 0.0) * lam_p) / max(m, 1)
-                passes = within(primal, jnp.max(jnp.abs(r_x), initial=0.0), x_scale) & (
-                    gap * max(m, 1) <= gap_tol * (1.0 + c_norm) * x_scale * lam_scale
-                )
+                dual = jnp.max(jnp.abs(r_x), initial=0.0)
+                passes = converged(primal, dual, gap, x_scale, lam_scale)
                 pick = functools.partial(jnp.where, ok)
                 return (pick(z_p, z), pick(nu_p, nu), pick(lam_p, lam)), ok & passes
 
             ipm_step = functools.partial(step, factorize_z, resolve_z, measure_z, times_g_z)
 
             def body(state: tuple) -> tuple:
-                iterate = ipm_step(state[0])
+                # The iterate's residuals are measured once: for the loop's stopping test
+                # here, and carried to the next iteration's step.
+                iterate = ipm_step(state[0], state[1])
                 z, s, lam, nu, k = iterate
                 out, accepted_ = polish(z, s, lam, nu)
                 z_scale = jnp.maximum(1.0, jnp.max(jnp.abs(z), initial=0.0) / lt_norm)
-                r_z, r_p, r_g = measure_z(iterate)
+                residuals = measure_z(iterate)
+                r_z, r_p, r_g = residuals
                 own = done((chol_q @ r_z, r_p, r_g), iterate, z_scale)
                 finished = accepted_ | (k >= self.max_iter) | own
-                return iterate, out, finished
+                return iterate, residuals, out, finished
 
-            _, (z0, nu0) = factorize_z(jnp.ones((m,), dtype), -w_q + v[:, p:] @ h, b)
+            start_u = -w_q + times_g_z(h, transpose=True)
+            _, (z0, nu0) = factorize_z(jnp.ones((m,), dtype), start_u, b)
             x0 = to_x(z0)
             lam0 = jnp.ones((m,), dtype)
-            state = (
-                (z0, *start(x0), nu0, jnp.zeros((), jnp.int32)),
-                (z0, nu0, lam0),
-                jnp.zeros((), bool),
-            )
-            iterate, (z, nu, lam), _ = jax.lax.while_loop(lambda st: ~st[2], body, state)
+            iterate0 = (z0, *start(x0), nu0, jnp.zeros((), jnp.int32))
+            state = (iterate0, measure_z(iterate0), (z0, nu0, lam0), jnp.zeros((), bool))
+            iterate, _, (z, nu, lam), _ = jax.lax.while_loop(lambda st: ~st[3], body, state)
             return to_x(z), nu, lam, iterate[4]
 
         if m == 0:
