@@ -241,3 +241,43 @@ def test_float32_batch_converges_and_agrees_with_float64():
 
     g64, g32 = grad(p64), grad(p32)
     assert float(jnp.max(jnp.abs(g32 - g64))) <= 1e-4 * float(jnp.max(jnp.abs(g64)))
+
+
+def test_licq_bound_from_the_factors_is_a_lower_bound_and_dependent_rows_are_named():
+    # The KKT check skips its SVD when the derivative's factors certify σ_min/σ_max of
+    # the active rows above the rank tolerance. Truth: the SVD of those rows.
+    from dargmin.constrained import ConstraintQualificationError
+    from dargmin.constrained._qp_derivative import _factorize, _licq_bound, qp_duals_and_mask
+    from dargmin.constrained._settings import KKTSettings
+
+    args = random_qp(3, n=20, batch=(6,))
+    sol = solve_qp(*args)
+
+    def bound_and_truth(x, nu, lam, *data):
+        nu, lam, mask = qp_duals_and_mask(KKTSettings(), x, nu, lam, data)
+        factors = _factorize(mask, data)
+        sigma = jnp.linalg.svd(factors.c, compute_uv=False)  # rows off the set are zero
+        n_active = data[2].shape[0] + jnp.sum(mask).astype(int)
+        return _licq_bound(factors), sigma[n_active - 1] / sigma[0]
+
+    bound, truth = jax.vmap(bound_and_truth)(sol.x, sol.eq_dual, sol.ineq_dual, *args)
+    assert bool(jnp.all(bound >= 1e-9))  # certified: these members skip the SVD
+    assert bool(jnp.all(bound <= truth))
+    # A duplicated active row: S is singular, but rounding leaves its computed smallest
+    # eigenvalue near 1e-16; the bound must not certify it (the SVD names LICQ, with
+    # the rank), in a batch beside a regular member, eagerly and under jit.
+    Q, q = jnp.eye(2), jnp.array([-1.0, -1.0])
+    G = jnp.array([[[1.0, 1.0], [1.0, 1.0], [-1.0, 0.0]], [[1.0, 1.0], [1.0, -1.0], [-1.0, 0.0]]])
+    h = jnp.array([[1.0, 1.0, 10.0], [1.0, 5.0, 10.0]])
+
+    def loss(h):
+        return solve_qp(Q, q, G=G, h=h).x.sum()
+
+    with pytest.raises(ConstraintQualificationError, match=r"LICQ.*rank 1") as info:
+        jax.grad(loss)(h)
+    assert failure_reason(info.value) == "licq"
+    # Under jit, a refusal inside the compiled backward pass reaches the user as JAX's
+    # runtime error, with the same message and reason.
+    with pytest.raises(jax.errors.JaxRuntimeError, match=r"LICQ.*rank 1") as info:
+        jax.jit(jax.grad(loss))(h)
+    assert failure_reason(info.value) == "licq"

@@ -29,11 +29,11 @@ route builds and LU-factorizes the full ``(n + p + m)`` KKT matrix and, beside i
 own condition check, two independent batched LAPACK calls. jaxlib 0.10's batched LAPACK
 kernels split a batch over XLA's CPU thread pool and block a pool thread until the pieces
 finish, so two of them running at once can deadlock the pool (seen on 2 cores at n = 100,
-batch 128). Here every LAPACK call of the derivative (the KKT check's SVD, ``chol(P)``,
-``L⁻¹``, ``chol(S)``, ``K = chol(S)⁻¹``) depends on the one before: a single chain, never
-two at once; the tangents are matrix products with ``L⁻¹``, ``V`` and ``K`` (no LAPACK
-call in the reverse pass). The factors are computed once per call and serve every
-tangent (``jax.jacfwd`` columns, the batch).
+batch 128). Here every LAPACK call of the derivative (``chol(P)``, ``L⁻¹``, ``chol(S)``,
+``K = chol(S)⁻¹``, then the KKT check's SVD when it is needed) depends on the one before:
+a single chain, never two at once; the tangents are matrix products with ``L⁻¹``, ``V``
+and ``K`` (no LAPACK call in the reverse pass). The factors are computed once per call
+and serve every tangent (``jax.jacfwd`` columns, the batch).
 """
 
 from __future__ import annotations
@@ -71,19 +71,46 @@ def qp_duals_and_mask(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``(ν, λ, mask)`` as :func:`.duals_and_mask` decides them, from the QP's data (its
     Jacobians are ``A`` and ``G``: no autodiff needed)."""
+    tolerances = settings.check.tolerances(x.dtype)
+    return duals_and_mask(_qp_pieces(x, args), nu, lam, tolerances, settings.degenerate)
+
+
+def _qp_pieces(x: jax.Array, args: tuple) -> _Pieces:
+    """The values and Jacobians the KKT check needs, from the QP's data (its constraint
+    Jacobians are ``A`` and ``G``: no autodiff)."""
     Q, q, A, b, G, h = args
     grad_f = 0.5 * (Q + Q.T) @ x + q
-    pieces = _Pieces(grad_f, A @ x - b, G @ x - h, A, G, x)
-    tolerances = settings.check.tolerances(x.dtype)
-    return duals_and_mask(pieces, nu, lam, tolerances, settings.degenerate)
+    return _Pieces(grad_f, A @ x - b, G @ x - h, A, G, x)
 
 
-def _factorize(mask: jax.Array, args: tuple, after: jax.Array) -> _Factors:
-    """The factors of the active-set KKT matrix; ``after`` (a zero scalar) is the KKT
-    check's result, added so that these LAPACK calls run after the check's SVD."""
+def _licq_bound(factors: _Factors) -> jax.Array:
+    r"""A lower bound of ``σ_min/σ_max`` of the active rows ``C`` from the factors: for a
+    unit ``y`` on the active rows, ``yᵀSy = yᵀCP⁻¹Cᵀy ≤ ‖Cᵀy‖² ‖L⁻¹‖²`` and
+    ``yᵀSy ≥ 1/‖K‖²`` (``S⁻¹ = KᵀK``), so ``σ_min(C) ≥ 1/(‖L⁻¹‖_F ‖K‖_F)``, and
+    ``σ_max(C) ≤ ‖C‖_F``. NaN where a factorization failed. It lets the KKT check skip
+    its SVD (see :func:`.licq_measure`); a loose bound only costs that SVD.
+
+    The bound holds for the computed ``S``, whose rounding error is about
+    ``(p + m) eps ‖S‖``: it is trusted only where ``1/‖K‖_F² ≥ 10⁴ (p + m) eps tr(S)``
+    (NaN elsewhere, so the SVD decides). A duplicated active row makes ``S`` singular,
+    but rounding leaves its computed smallest eigenvalue at ~1e-16, which without this
+    floor gave a "bound" of 3e-9, above the 1e-9 rank tolerance."""
+    l_norm = jnp.linalg.norm(factors.l_inv)
+    k_norm_sq = jnp.sum(factors.k_inv**2)
+    c_norm = jnp.linalg.norm(factors.c)
+    size = factors.k_inv.shape[0]
+    trace = jnp.sum(factors.v**2) + size - jnp.sum(jnp.any(factors.c != 0, axis=1))
+    eps = float(jnp.finfo(factors.c.dtype).eps)
+    resolved = 1.0 / k_norm_sq >= 1e4 * size * eps * trace
+    bound = 1.0 / (l_norm * jnp.sqrt(k_norm_sq) * jnp.where(c_norm > 0, c_norm, 1.0))
+    return jnp.where(resolved, bound, jnp.nan)
+
+
+def _factorize(mask: jax.Array, args: tuple) -> _Factors:
+    """The factors of the active-set KKT matrix."""
     Q, _, A, _, G, _ = args
     dtype = Q.dtype
-    Qs = 0.5 * (Q + Q.T) + after
+    Qs = 0.5 * (Q + Q.T)
     c = jnp.concatenate([A, mask[:, None] * G], axis=0)
     rows = jnp.concatenate([jnp.ones((A.shape[0],), dtype), mask])
     # ρ brings CᵀC to Q's scale (an LP, Q = 0, takes CᵀC's own).
@@ -143,9 +170,11 @@ def _judge_factors(ratio: np.ndarray, *, limit: float, mode: str, kind: str, dty
     return refuse_or_warn(failing, np.zeros(ratio.shape, dtype=dtype), kind=kind, mode=mode)
 
 
-def _checked(factors: _Factors, settings: KKTSettings) -> _Factors:
+def _checked(factors: _Factors, settings: KKTSettings, after: jax.Array) -> _Factors:
     """The factors, after a host-side refusal when some batch member's are unusable (only
-    then is the host called). A failed factorization is reported in every check mode."""
+    then is the host called). A failed factorization is reported in every check mode.
+    ``after`` (a zero scalar, the KKT check's verdict) goes first: the KKT refusal names
+    the cause (an LICQ failure, say) before this one's generic singular matrix."""
     dtype = factors.chol.dtype
     _, max_condition = settings.check.core.tolerances(dtype)
     ratio = _pivot_ratio(factors)
@@ -164,7 +193,7 @@ def _checked(factors: _Factors, settings: KKTSettings) -> _Factors:
         )
 
     verified = jax.lax.cond(
-        eqxi.unvmap_any(suspicious), call_host, lambda r: jnp.zeros((), dtype), ratio
+        eqxi.unvmap_any(suspicious), call_host, lambda r: jnp.zeros((), dtype), ratio + after
     )
     # The tangents depend on the verdict (and so come after it).
     return factors._replace(l_inv=factors.l_inv + verified)
@@ -200,14 +229,25 @@ def _qp_kkt_solution_jvp(settings: KKTSettings, primals: tuple, tangents: tuple)
     z, mask, args = primals
     args_dot = tangents[2]
     frozen = jax.lax.stop_gradient
+    # The factors first: the KKT check takes its LICQ bound from them (and skips its
+    # SVD when the bound certifies full rank). Every LAPACK call stays in one chain: the
+    # check's SVD, when it runs, depends on the bound, and the verdicts on the check.
+    factors = _factorize(frozen(mask), args)
     after = jnp.zeros((), args[0].dtype)
     if settings.check.mode != "ignore":
         from dargmin.constrained._qp import QP_PROBLEM  # the QP's parts, for the check
 
         after = kkt_report(
-            QP_PROBLEM.parts, frozen(z), frozen(mask), frozen(args), settings, recovered=False
+            QP_PROBLEM.parts,
+            frozen(z),
+            frozen(mask),
+            frozen(args),
+            settings,
+            recovered=False,
+            pieces=_qp_pieces(frozen(z[0]), frozen(args)),
+            licq_bound=frozen(_licq_bound(factors)),
         )
-    factors = _checked(_factorize(frozen(mask), args, after), settings)
+    factors = _checked(factors, settings, after)
     # Re-entry: the primal output is this rule's own function, so that a second
     # derivative sees z move with the data (the active set frozen).
     z_out = qp_kkt_solution(settings, z, mask, args)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from dargmin.constrained._measure import _FIELDS, kkt_measure
+from dargmin.constrained._measure import _FIELDS, _Pieces, kkt_measure
 from dargmin.constrained._settings import (
     ConstraintQualificationError,
     Degenerate,
@@ -193,12 +193,17 @@ def kkt_report(
     settings: KKTSettings,
     *,
     recovered: bool,
+    pieces: _Pieces | None = None,
+    licq_bound: jax.Array | None = None,
 ) -> jax.Array:
     """Measure the KKT point on the device and judge it on the host (only when some batch
-    member may fail). Returns a zero scalar the derivative must depend on."""
+    member may fail). Returns a zero scalar the derivative must depend on. ``pieces`` and
+    ``licq_bound`` as in :func:`.kkt_measure`."""
     dtype = ravel_pytree(z[0])[0].dtype
     tolerances = settings.check.tolerances(dtype)
-    values = jax.lax.stop_gradient(kkt_measure(parts, z, mask, args, tolerances))
+    values = jax.lax.stop_gradient(
+        kkt_measure(parts, z, mask, args, tolerances, pieces=pieces, licq_bound=licq_bound)
+    )
     m = dict(zip(_FIELDS, values, strict=True))
     tol_f = tolerances["feasibility"]
     suspicious = (
