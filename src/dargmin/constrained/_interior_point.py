@@ -390,26 +390,35 @@ class InteriorPoint:
                 batch iterates until its slowest member stops."""
                 rows = jnp.concatenate([jnp.ones((p,), dtype), (lam > s).astype(dtype)])
 
+                # One solve per pass, the guess in the first and its corrections after
+                # (one traced copy of solve_active: compile time). A member stops moving
+                # once its solve passes or its correction changes nothing.
                 def retrying(state: tuple) -> jax.Array:
-                    return (state[0] < self.corrections) & eqxi.unvmap_any(state[-1])
+                    return (state[0] <= self.corrections) & eqxi.unvmap_any(state[-1])
 
-                def correct(state: tuple) -> tuple:
-                    count, rows, point, usable, passes, (lam_raw, slack, limit), _ = state
+                def solve_and_correct(state: tuple) -> tuple:
+                    count, rows, point, usable, passes, moving = state
+                    out = solve_active(rows)
+                    keep = functools.partial(jnp.where, moving)
+                    point, usable, passes = jax.tree_util.tree_map(
+                        keep, out[:3], (point, usable, passes)
+                    )
+                    lam_raw, slack, limit = out[3]
                     ineq = rows[p:] > 0
                     new_ineq = jnp.where(ineq, lam_raw >= -limit, slack < -limit)
                     retry = ~(usable & passes) & jnp.any(new_ineq != ineq)
                     retry = retry & jnp.all(jnp.isfinite(lam_raw)) & jnp.all(jnp.isfinite(slack))
-                    new_rows = jnp.concatenate([rows[:p], new_ineq.astype(dtype)])
-                    out = solve_active(new_rows)
-                    pick = functools.partial(jnp.where, retry)
-                    old = (rows, point, usable, passes, (lam_raw, slack, limit))
-                    new = jax.tree_util.tree_map(pick, (new_rows, *out), old)
-                    return (count + 1, *new, retry)
+                    moving = moving & retry
+                    rows = jnp.where(
+                        moving, jnp.concatenate([rows[:p], new_ineq.astype(dtype)]), rows
+                    )
+                    return count + 1, rows, point, usable, passes, moving
 
-                first = solve_active(rows)
-                state = (0, rows, *first, jnp.ones((), bool))
-                state = jax.lax.while_loop(retrying, correct, state)
-                point, usable, passes = state[2], state[3], state[4]
+                no = jnp.zeros((), bool)
+                state = (0, rows, (z, nu, lam), no, no, jnp.ones((), bool))
+                _, _, point, usable, passes, _ = jax.lax.while_loop(
+                    retrying, solve_and_correct, state
+                )
                 pick = functools.partial(jnp.where, usable)
                 return tuple(pick(a, b) for a, b in zip(point, (z, nu, lam), strict=True)), (
                     usable & passes
