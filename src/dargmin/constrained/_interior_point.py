@@ -30,7 +30,7 @@ class InteriorPoint:
       matrix but the residuals' ``L r_z``. After each iteration the
       iterate is *polished* (below) and the solve stops at the first polished point that
       passes ``info.converged``: in qpth's random QPs (n = 10 to 500) after the first
-      iteration, with up to 8 active-set corrections.
+      iteration, within the default 10 active-set corrections of its polish.
     * **primal path** (``Q`` semidefinite, an LP): ``Q + Gᵀ diag(λ/s) G`` and the Schur
       complement ``A (·)⁻¹ Aᵀ`` by Cholesky (``1e-14`` / ``1e-13`` relative shifts),
       iterating until the primal and dual residuals are below ``tol`` times the size of
@@ -67,10 +67,11 @@ class InteriorPoint:
     max_iter
         Iteration limit.
     corrections
-        Active-set corrections per polish (dual path). Without them the interior
-        point's guess was typically one or two constraints off for several iterations
-        and qpth's random QPs took 3-8 iterations at n = 100 (14 at n = 500); with them,
-        one: forward 338 → 235 ms at n = 100, batch 128 (one run, interleaved).
+        Active-set corrections per polish (dual path; 0: the guess only). Without them
+        the interior point's guess was typically one or two constraints off for several
+        iterations and qpth's random QPs took 3-8 iterations at n = 100 (14 at n = 500);
+        with them, one: forward 338 → 235 ms at n = 100, batch 128 (one run,
+        interleaved).
     """
 
     tol: float | None = None
@@ -381,13 +382,14 @@ class InteriorPoint:
 
             def polish(z: jax.Array, s: jax.Array, lam: jax.Array, nu: jax.Array) -> tuple:
                 """As :meth:`InteriorPoint._polish`, in z (:func:`solve_active` on the
-                guess ``λᵢ > sᵢ``), with one active-set correction: when the guess fails,
-                drop its inequalities with a negative multiplier, add the violated ones,
-                and solve again (a primal-dual active-set step). The interior point's
-                guess is typically off by one or two constraints for several iterations
-                (qpth's random QPs, n = 100: a polish fails on one multiplier of -0.02,
-                or one violation of 7e-3, from iteration 2 to 7), and under ``vmap`` the
-                batch iterates until its slowest member stops."""
+                guess ``λᵢ > sᵢ``), with up to ``corrections`` active-set corrections:
+                while the solve fails, drop its inequalities with a negative multiplier,
+                add the violated ones, and solve again (primal-dual active-set steps).
+                The interior point's guess was typically off by one or two constraints
+                for several iterations (qpth's random QPs, n = 100: a polish failing on
+                one multiplier of -0.02, or one violation of 7e-3, from iteration 2 to
+                7), and under ``vmap`` the batch iterates until its slowest member
+                stops."""
                 rows = jnp.concatenate([jnp.ones((p,), dtype), (lam > s).astype(dtype)])
 
                 # One solve per pass, the guess in the first and its corrections after
