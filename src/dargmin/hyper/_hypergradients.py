@@ -41,18 +41,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from dargmin.diagnostics import DargminWarning
-from dargmin.hyper import _support_solve as support_solves
 from dargmin.hyper._penalty_maps import _penalty_vectors
 from dargmin.hyper._problems import HyperProblem
 from dargmin.hyper._registry import register
 from dargmin.hyper._support_solve import (
     _COND_MAX,
     SupportSolve,
-    _cholesky_solve_folds,
-    _cholesky_solve_folds_host,
     _padded,
     _padded_size,
-    _place_folds,
+    _solve_folds,
     _support_solve,
 )
 from dargmin.implicit import argmin
@@ -251,12 +248,7 @@ class ImplicitSupport(HypergradientMethod):
         size = _padded_size(max(systems[k].S.size for k in active))
         padded = [_padded(systems[k].H, systems[k].rhs[:, None], size) for k in active]
         Hs, Bs = np.stack([h for h, _ in padded]), np.stack([b for _, b in padded])
-        if support_solves.SHARD_FOLDS and jax.device_count() > 1:
-            with jax.enable_x64(True):
-                X, cond = _cholesky_solve_folds(*_place_folds(Hs, Bs))
-                X, cond = np.asarray(X), np.asarray(cond)
-        else:
-            X, cond = _cholesky_solve_folds_host(Hs, Bs)
+        X, cond = _solve_folds(Hs, Bs)
         for i, k in enumerate(active):
             sy = systems[k]
             if cond[i] < _COND_MAX:

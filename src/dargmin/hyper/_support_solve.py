@@ -139,6 +139,18 @@ def _cholesky_solve_folds_host(Hs: np.ndarray, Bs: np.ndarray) -> tuple[np.ndarr
 _cholesky_solve_folds = jax.jit(jax.vmap(_cholesky_solve_impl))
 
 
+def _solve_folds(Hs: np.ndarray, Bs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(X, cond)`` of the folds' padded support systems (a leading fold axis): the
+    sharded JAX solve (:data:`_cholesky_solve_folds` on :func:`_place_folds`) when there
+    are several devices and :data:`SHARD_FOLDS`, else the host one
+    (:func:`_cholesky_solve_folds_host`)."""
+    if SHARD_FOLDS and jax.device_count() > 1:
+        with jax.enable_x64(True):
+            X, cond = _cholesky_solve_folds(*_place_folds(Hs, Bs))
+        return np.asarray(X), np.asarray(cond)
+    return _cholesky_solve_folds_host(Hs, Bs)
+
+
 @jax.jit
 def _min_norm_solve(H: jax.Array, B: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Minimum-norm solution by the layer's :class:`~dargmin.linear_solvers.LeastSquares`
