@@ -9,7 +9,7 @@ import pytest
 from sklearn.datasets import make_classification
 from sklearn.linear_model import LogisticRegression
 
-from dargmin.hyper import ProxNewton, SplitLBFGSB, lasso, sparse_logistic
+from dargmin.hyper import ProxNewton, SparseLogisticHyperCV, SplitLBFGSB, lasso, sparse_logistic
 from dargmin.hyper._inner_solvers import kkt_violation
 
 
@@ -68,3 +68,25 @@ def test_refuses_what_it_does_not_solve():
         ProxNewton().solve(lasso(X, X[:, 0]), [0.0])
     assert not ProxNewton.supports(lasso(X, X[:, 0]))
     assert ProxNewton.supports(sparse_logistic(X, np.sign(X[:, 0])))
+
+
+def test_path_probes_keep_the_logistic_search(monkeypatch):
+    # The coarse path's probes (ProxNewton at 100x its tolerance) against the same search
+    # without probes: the same path values where both solved fully, the same selection.
+    from sklearn.model_selection import StratifiedKFold
+
+    from dargmin.hyper import _outer
+
+    X, y01 = make_classification(150, 40, n_informative=5, random_state=1)
+    monkeypatch.setattr(_outer, "PATH_PROBE_BELOW", np.inf)  # probe every point
+    probed = SparseLogisticHyperCV(cv=StratifiedKFold(3)).fit(X, y01)
+    monkeypatch.setattr(_outer, "PATH_PROBE_BELOW", -np.inf)  # never
+    full = SparseLogisticHyperCV(cv=StratifiedKFold(3)).fit(X, y01)
+    n = full.path_.accepted.index(True)
+    assert probed.path_.accepted.index(True) == n
+    p, f = probed.cv_loss_path_[:n], full.cv_loss_path_[:n]
+    np.testing.assert_allclose(p[:-1], f[:-1], rtol=1e-4)
+    # Stopped on the probe: a loose value, not the full solve's, above the rise threshold.
+    assert (1 + _outer.PATH_RISE) * p[:-1].min() < p[-1] != f[-1]
+    np.testing.assert_allclose(probed.alpha_, full.alpha_, rtol=1e-2)
+    np.testing.assert_allclose(probed.cv_loss_, full.cv_loss_, rtol=1e-4)

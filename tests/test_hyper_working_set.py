@@ -218,3 +218,55 @@ def test_host_fold_solve_matches_the_layers_jax_solve():
     np.testing.assert_allclose(X_host[:3], np.linalg.solve(Hs[:3], Bs[:3]), rtol=1e-10)
     np.testing.assert_allclose(cond_host[:3], cond_jax[:3], rtol=1e-10)
     assert cond_host[3] >= _COND_MAX and cond_jax[3] >= _COND_MAX
+
+
+def test_probe_is_a_quiet_truncated_descent(data):
+    # The coarse path's probe: a few epochs from the warm start, no warning. Coordinate
+    # descent decreases the objective, so the probe lies between the warm start and the
+    # minimum: objective(minimum) <= objective(probe) <= objective(warm start).
+    X, y = data
+    prob = lasso(X, y, fit_intercept=False)
+    n = X.shape[0]
+    theta_warm, theta = np.log(0.3 * prob.alpha_max()), np.log(0.01 * prob.alpha_max())
+    alpha = float(np.exp(theta))
+
+    def objective(w):
+        return 0.5 / n * float(np.sum((y - X @ w) ** 2)) + alpha * float(np.abs(w).sum())
+
+    warm = WorkingSetCD(tol=1e-10).solve(prob, [theta_warm]).coef
+    full = WorkingSetCD(tol=1e-10).solve(prob, [theta], warm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no scikit-learn or dargmin convergence warning
+        probe = WorkingSetCD(tol=1e-10).probe().solve(prob, [theta], warm.copy())
+    assert probe.n_iter < full.n_iter
+    assert objective(full.coef) - 1e-12 <= objective(probe.coef) <= objective(warm)
+    assert objective(probe.coef) > objective(full.coef) + 1e-8  # truncated, not converged
+
+
+def test_path_probe_stops_where_the_full_solve_stops(monkeypatch):
+    # The path's points are first solved by the probe; the reference is the same search
+    # without probes.
+    from dargmin.hyper import _outer
+
+    X, y = make_regression(150, 300, n_informative=10, noise=5.0, random_state=0)
+    problem, criterion = lasso(X, y), CrossVal(HeldOutMSE, cv=KFold(3))
+    options = dict(
+        solver=WorkingSetCD(tol=1e-6), path_solver=WorkingSetCD(tol=1e-5), n_path=10, xtol=1e-2
+    )
+
+    def path_values(res):
+        return np.array(res.monitor.values[: res.monitor.accepted.index(True)])
+
+    # Probe every point from the second on (the rule's threshold at +inf), against never.
+    monkeypatch.setattr(_outer, "PATH_PROBE_BELOW", np.inf)
+    probed = optimize_hyperparameters(problem, criterion, **options)
+    monkeypatch.setattr(_outer, "PATH_PROBE_BELOW", -np.inf)
+    full = optimize_hyperparameters(problem, criterion, **options)
+    p, f = path_values(probed), path_values(full)
+    # The same stopping point, where the probe's loose value already rose by PATH_RISE
+    # (less than the converged value: the probe under-fits from the stronger penalty).
+    assert p.size == f.size < 10
+    assert (1 + _outer.PATH_RISE) * p[:-1].min() < p[-1] < f[-1]
+    np.testing.assert_allclose(p[:-1], f[:-1], rtol=1e-4)  # both solves at a 1e-5 gap
+    np.testing.assert_allclose(probed.log_theta, full.log_theta, atol=1e-2)
+    np.testing.assert_allclose(probed.value, full.value, rtol=1e-4)

@@ -83,7 +83,8 @@ cv_loss_ : float
 log_theta_path_ : ndarray of shape (n_evals, n_hyper)
     Every evaluated point of the search (coarse path, then descent), log scale.
 cv_loss_path_ : ndarray of shape (n_evals,)
-    The CV loss at each row of ``log_theta_path_``.
+    The CV loss at each row of ``log_theta_path_`` (the last coarse-path point may be a
+    loose probe's value: the path stopped because even it rose 2 % above the best).
 n_features_in_ : int
     Number of features seen by :meth:`fit`."""
 

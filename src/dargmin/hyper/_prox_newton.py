@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -94,6 +94,10 @@ class ProxNewton:
     tol: float = 1e-9
     max_iter: int = 200
     name: str = "prox_newton"
+
+    def probe(self) -> ProxNewton:
+        """A loose variant for the coarse path's probes: 100 times the tolerance."""
+        return replace(self, tol=100.0 * self.tol)
 
     @staticmethod
     def supports(problem: HyperProblem, log_theta: Array | None = None) -> bool:

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
 
 import jax
 import numpy as np
@@ -44,6 +45,10 @@ Array = Any
 WS_MIN = 16
 #: Most working-set growths before falling back to all the features.
 WS_MAX_ROUNDS = 30
+#: Epochs of each subproblem in a probe (:meth:`WorkingSetCD.probe`). On make_regression
+#: 300x1000 (5 folds) the path's point past the minimum took 68 ms to its 1e-5 gap, with a
+#: CV loss 6.0 % above the best; after 10 epochs, 17 ms and 4.8 % (30 epochs: 31 ms, 6.2 %).
+PROBE_EPOCHS = 10
 #: The kernel's random-order generator, unused (cyclic order): creating one per call cost
 #: half a millisecond.
 _UNUSED_RNG = np.random.RandomState(0)
@@ -63,21 +68,33 @@ def largest_features(score: np.ndarray, keep: np.ndarray, size: int) -> np.ndarr
 
 
 def _cd_subproblem(
-    w: np.ndarray, l1: float, l2: float, XW: np.ndarray, y: np.ndarray, max_iter: int, tol: float
+    w: np.ndarray,
+    l1: float,
+    l2: float,
+    XW: np.ndarray,
+    y: np.ndarray,
+    max_iter: int,
+    tol: float,
+    quiet: bool = False,
 ) -> tuple[np.ndarray, int]:
     """scikit-learn's coordinate descent on ``½‖y − X_W w‖² + l1‖w‖₁ + ½ l2‖w‖²`` (its own
     unnormalized scaling), in place on ``w``, to a duality gap below ``tol ‖y‖²``; returns
-    ``(w, epochs)``.
+    ``(w, epochs)``. ``quiet``: without scikit-learn's warning when ``max_iter`` epochs
+    end above ``tol`` (a truncated solve on purpose).
 
     The Cython kernel is private scikit-learn API: when its signature changes, the public
     ``ElasticNet`` estimator (about a millisecond more per call) takes over.
     """
     try:
+        from sklearn.exceptions import ConvergenceWarning
         from sklearn.linear_model import _cd_fast
 
-        out = _cd_fast.enet_coordinate_descent(
-            w, l1, l2, XW, y, max_iter, tol, _UNUSED_RNG, False, False
-        )
+        with warnings.catch_warnings():
+            if quiet:
+                warnings.simplefilter("ignore", ConvergenceWarning)
+            out = _cd_fast.enet_coordinate_descent(
+                w, l1, l2, XW, y, max_iter, tol, _UNUSED_RNG, False, False
+            )
         return np.asarray(out[0]), int(out[3])
     except (ImportError, TypeError, AttributeError):  # pragma: no cover - other sklearn
         from sklearn.linear_model import ElasticNet
@@ -100,6 +117,7 @@ def _cd_subproblem(
         return w, int(est.n_iter_)
 
 
+@dataclass(frozen=True)
 class WorkingSetCD:
     """Working-set coordinate descent for the Lasso and the elastic net (module docstring).
 
@@ -115,6 +133,9 @@ class WorkingSetCD:
         Epochs of each subproblem.
     kkt_tol
         Warn when the relative KKT violation of the result exceeds this.
+    warn
+        ``False``: no warning on a result above the tolerances (a truncated solve on
+        purpose, as in :meth:`probe`).
 
     Examples
     --------
@@ -128,12 +149,17 @@ class WorkingSetCD:
     [0.5, 0.0, -1.5]
     """
 
-    name = "working_set"
+    tol: float = 1e-8
+    max_iter: int = 10_000
+    kkt_tol: float = 1e-4
+    warn: bool = True
+    name: ClassVar[str] = "working_set"
 
-    def __init__(self, tol: float = 1e-8, max_iter: int = 10_000, kkt_tol: float = 1e-4):
-        self.tol = tol
-        self.max_iter = max_iter
-        self.kkt_tol = kkt_tol
+    def probe(self) -> WorkingSetCD:
+        """A truncated variant for the coarse path's probes (:data:`PROBE_EPOCHS` epochs per
+        subproblem, no warning). A looser duality-gap tolerance would not do: scaled by
+        ``‖y‖²`` it is already met by the warm start from the previous path point."""
+        return replace(self, max_iter=PROBE_EPOCHS, warn=False)
 
     @staticmethod
     def supports(problem: HyperProblem) -> bool:
@@ -189,7 +215,7 @@ class WorkingSetCD:
                 W = largest_features(np.abs(c), w != 0, size)
             XW = np.asfortranarray(X[:, W])
             wW, it = _cd_subproblem(
-                np.ascontiguousarray(w[W]), lam, mu, XW, y, self.max_iter, self.tol
+                np.ascontiguousarray(w[W]), lam, mu, XW, y, self.max_iter, self.tol, not self.warn
             )
             epochs += it
             w[:] = 0.0
@@ -209,7 +235,7 @@ class WorkingSetCD:
         # The KKT violation from c = Xᵀr − nμw = −n ∇f(w) (no further product with X).
         kkt = float(_kkt_violation(-c / n, w, l1v, np)) / problem.grad_scale
         ok = kkt <= self.kkt_tol
-        if not ok:
+        if not ok and self.warn:
             _warn_not_converged("working-set coordinate descent", kkt, self.kkt_tol, epochs, theta)
         return InnerResult(w, epochs, kkt, ok, time.perf_counter() - t0)
 
