@@ -12,6 +12,7 @@
 """
 
 import warnings
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -270,3 +271,43 @@ def test_path_probe_stops_where_the_full_solve_stops(monkeypatch):
     np.testing.assert_allclose(p[:-1], f[:-1], rtol=1e-4)  # both solves at a 1e-5 gap
     np.testing.assert_allclose(probed.log_theta, full.log_theta, atol=1e-2)
     np.testing.assert_allclose(probed.value, full.value, rtol=1e-4)
+
+
+class _RecordingWorkingSetCD(WorkingSetCD):
+    thetas: ClassVar[list] = []
+
+    def solve(self, problem, log_theta, w0=None):
+        type(self).thetas.append(float(np.asarray(log_theta).reshape(-1)[0]))
+        return super().solve(problem, log_theta, w0)
+
+
+def test_descent_takes_the_paths_values_instead_of_solving_again():
+    # On this split the descent's doubled step lands on the upper end of its bracket, a
+    # path point: its value comes from the path record, with no solve by the search solver.
+    from sklearn.model_selection import train_test_split
+
+    X, y = make_regression(429, 1000, n_informative=20, noise=10.0, random_state=0)
+    X, _, y, _ = train_test_split(X, y, test_size=0.3, random_state=0)
+    _RecordingWorkingSetCD.thetas = []
+    res = optimize_hyperparameters(
+        lasso(X, y),
+        CrossVal(HeldOutMSE, cv=KFold(5, shuffle=True, random_state=0)),
+        solver=_RecordingWorkingSetCD(tol=1e-6, kkt_tol=1e-2),
+        path_solver=WorkingSetCD(tol=1e-5, kkt_tol=1e-1),
+        n_path=10,
+        xtol=1e-2,
+    )
+    mon = res.monitor
+    n_path = mon.accepted.index(True)
+    records = zip(mon.log_thetas[:n_path], mon.values[:n_path], strict=True)
+    path = {float(t[0]): v for t, v in records}
+    best = min(path, key=path.get)
+    revisited = [
+        (float(t[0]), v)
+        for t, v in zip(mon.log_thetas[n_path:], mon.values[n_path:], strict=True)
+        if float(t[0]) in path and float(t[0]) != best
+    ]
+    assert revisited  # the case this test is about
+    assert all(v == path[t] and v > path[best] for t, v in revisited)
+    assert not set(_RecordingWorkingSetCD.thetas) & {t for t, _ in revisited}
+    assert res.value <= path[best]  # and the descent still went below the path's best

@@ -296,7 +296,9 @@ class ProjectedGradientDescent:
                     return _KINK
                 new_value, new_grad = evaluate(new, accepted=False)
                 decrease = 1e-4 * float(grad @ (theta - new))
-                if np.isfinite(new_value) and new_value <= value - decrease:
+                # No gradient (a singular trial point, or a known path value): rejected.
+                ok = new_grad is not None and np.isfinite(new_value)
+                if ok and new_value <= value - decrease:
                     monitor.accepted[-1] = True
                     return new, new_value, new_grad
                 t *= _backtrack_factor(value, new_value, float(grad @ (new - theta)))
