@@ -46,7 +46,10 @@ def test_diabetes_finds_the_lasso_cv_minimum():
     ref = LassoCV(cv=cv, tol=1e-10, max_iter=100_000).fit(X, y)
     ref_best = ref.mse_path_.mean(axis=1).min()
     est = LassoHyperCV(cv=cv).fit(X, y)
-    assert est.cv_loss_ <= ref_best * (1 + 1e-5)
+    # Within 0.01 % of LassoCV's converged minimum (the issue asks for 0.5 %): the search
+    # stops once α is known to within its 5 % step tolerance (SEARCH_XTOL), here 1.3e-5
+    # above it.
+    assert est.cv_loss_ <= ref_best * (1 + 1e-4)
     assert 0.03 < est.alpha_ < 0.2  # the basin of LassoCV's α = 0.079, not α ≈ 1
     # alpha_ is in LassoCV's units: Lasso(alpha_) on the folds gives cv_loss_.
     folds = [

@@ -57,6 +57,10 @@ _POLISH_BELOW = 1e-3
 _MODEL_EPOCHS = 50
 _MAX_MODEL_EPOCHS = 50_000
 #: Armijo's sufficient-decrease fraction and the smallest step before giving up.
+#: Newton steps of a probe (:meth:`ProxNewton.probe`). On make_classification 300x300 (210
+#: training rows, 5 folds) the path's point past the minimum took 73 ms to converge, with a
+#: CV loss 24 % above the best; after 2 steps, 35 ms and 22 % (1 step: 25 ms, 14 %).
+PROBE_STEPS = 2
 _ARMIJO = 1e-4
 _MIN_STEP = 1e-10
 
@@ -75,6 +79,9 @@ class ProxNewton:
         Relative KKT tolerance (as the other solvers: absolute ``tol × grad_scale``).
     max_iter
         Newton steps.
+    warn
+        ``False``: no warning when ``max_iter`` steps end above ``tol`` (a truncated solve
+        on purpose, as in :meth:`probe`).
 
     Examples
     --------
@@ -94,10 +101,12 @@ class ProxNewton:
     tol: float = 1e-9
     max_iter: int = 200
     name: str = "prox_newton"
+    warn: bool = True
 
     def probe(self) -> ProxNewton:
-        """A loose variant for the coarse path's probes: 100 times the tolerance."""
-        return replace(self, tol=100.0 * self.tol)
+        """A loose variant for the coarse path's probes: 100 times the tolerance, at most
+        :data:`PROBE_STEPS` Newton steps, no warning."""
+        return replace(self, tol=100.0 * self.tol, max_iter=PROBE_STEPS, warn=False)
 
     @staticmethod
     def supports(problem: HyperProblem, log_theta: Array | None = None) -> bool:
@@ -187,7 +196,7 @@ class ProxNewton:
                 continue
             w, z, value = w_new, z_new, new_value
         ok = kkt <= self.tol
-        if not ok:
+        if not ok and self.warn:
             _warn_not_converged("ProxNewton", kkt, self.tol, steps, theta)
         return InnerResult(w, steps, kkt, ok, time.perf_counter() - t0)
 
