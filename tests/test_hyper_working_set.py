@@ -212,13 +212,20 @@ def test_host_fold_solve_matches_the_layers_jax_solve():
     A[3, 1] = A[3, 0]  # fold 3: two identical active columns
     Hs = A @ np.swapaxes(A, 1, 2)
     Bs = rng.normal(size=(4, 16, 1))
-    X_host, cond_host = _cholesky_solve_folds_host(Hs, Bs)
+    X_host, cond_host = _cholesky_solve_folds_host(list(Hs), list(Bs))
+    X_host = np.stack(X_host)
     with jax.enable_x64(True):
         X_jax, cond_jax = (np.asarray(a) for a in _cholesky_solve_folds(Hs, Bs))
     np.testing.assert_allclose(X_host[:3], X_jax[:3], rtol=1e-10)
     np.testing.assert_allclose(X_host[:3], np.linalg.solve(Hs[:3], Bs[:3]), rtol=1e-10)
     np.testing.assert_allclose(cond_host[:3], cond_jax[:3], rtol=1e-10)
     assert cond_host[3] >= _COND_MAX and cond_jax[3] >= _COND_MAX
+    # Systems of different sizes, unpadded (the host solve needs no common size).
+    mixed_H = [Hs[0][:3, :3], Hs[1][:7, :7]]
+    mixed_B = [Bs[0][:3], Bs[1][:7]]
+    X_mixed, _ = _cholesky_solve_folds_host(mixed_H, mixed_B)
+    for H, B, x in zip(mixed_H, mixed_B, X_mixed, strict=True):
+        np.testing.assert_allclose(x, np.linalg.solve(H, B), rtol=1e-10)
 
 
 def test_probe_is_a_quiet_truncated_descent(data):

@@ -47,8 +47,6 @@ from dargmin.hyper._registry import register
 from dargmin.hyper._support_solve import (
     _COND_MAX,
     SupportSolve,
-    _padded,
-    _padded_size,
     _solve_folds,
     _support_solve,
 )
@@ -245,14 +243,13 @@ class ImplicitSupport(HypergradientMethod):
         ]
         if not active:
             return out
-        size = _padded_size(max(systems[k].S.size for k in active))
-        padded = [_padded(systems[k].H, systems[k].rhs[:, None], size) for k in active]
-        Hs, Bs = np.stack([h for h, _ in padded]), np.stack([b for _, b in padded])
-        X, cond = _solve_folds(Hs, Bs)
+        X, cond = _solve_folds(
+            [systems[k].H for k in active], [systems[k].rhs[:, None] for k in active]
+        )
         for i, k in enumerate(active):
             sy = systems[k]
             if cond[i] < _COND_MAX:
-                sol = SupportSolve(X[i, : sy.S.size, 0], sy.S.size, None)
+                sol = SupportSolve(X[i][:, 0], sy.S.size, None)
             else:
                 sol = _support_solve(sy.H, sy.rhs, sy.problem, mu=sy.l2[sy.S])
             out[k] = sy.finish(sol)
