@@ -318,3 +318,19 @@ def test_descent_takes_the_paths_values_instead_of_solving_again():
     assert all(v == path[t] and v > path[best] for t, v in revisited)
     assert not set(_RecordingWorkingSetCD.thetas) & {t for t, _ in revisited}
     assert res.value <= path[best]  # and the descent still went below the path's best
+
+
+def test_host_minimum_norm_solve_matches_the_pseudo_inverse():
+    # A rank-deficient PSD support Hessian (three duplicated columns of eight) with a
+    # right-hand side in its range: NumPy's pseudo-inverse and matrix rank are the reference.
+    from dargmin.hyper._support_solve import _min_norm_solve_host
+
+    rng = np.random.default_rng(1)
+    A = rng.normal(size=(30, 8))
+    A[:, 5:] = A[:, :3]
+    H = A.T @ A
+    B = A.T @ rng.normal(size=(30, 2))
+    X, rank = _min_norm_solve_host(H, B)
+    assert rank == np.linalg.matrix_rank(H) == 5
+    np.testing.assert_allclose(X, np.linalg.pinv(H, rcond=1e-10, hermitian=True) @ B, atol=1e-10)
+    np.testing.assert_allclose(H @ X, B, atol=1e-9)
