@@ -239,6 +239,45 @@ def test_barzilai_borwein_step_is_the_secant_step_on_a_quadratic():
     assert len(fixed_calls) > len(calls)
 
 
+def test_first_step_length_and_the_paths_model_step_on_a_quadratic():
+    # R = (θ − 1.3)², a path that evaluated θ = 0 (its best, with R') and its neighbours
+    # ±1: the model step through R(0), R'(0) and R(1), and a descent whose first trial step
+    # has a given length.
+    from dargmin.hyper._optimizers import Monitor as _Monitor
+    from dargmin.hyper._outer import _model_step, _PathStart
+
+    def R(t):
+        return float((t - 1.3) ** 2)
+
+    mon = _Monitor()
+    for t in (1.0, 0.0, -1.0):
+        mon.record([t], R(t), accepted=False)
+    path = _PathStart(
+        np.array([0.0]),
+        (R(0.0), np.array([-2.6])),
+        None,
+        3,
+        (np.array([-1.0]), np.array([1.0])),
+        1.0,
+    )
+    # exact on a quadratic: the distance to the minimizer (past the end; the box clips it)
+    assert _model_step(path, mon, 3) == pytest.approx(1.3)
+    mon.values[0] = 4.0  # R(1) = 4 instead of 0.09: the model's minimizer moves nearer
+    c = (4.0 - R(0.0) + 2.6) / 1.0
+    assert _model_step(path, mon, 3) == pytest.approx(2.6 / (2 * c))
+    mon.values[0] = -1.0  # R(1) below the tangent: a concave model (c < 0), no model step
+    assert _model_step(path, mon, 3) is None
+
+    calls = []
+
+    def fun(t):
+        calls.append(float(t[0]))
+        return R(t[0]), 2 * (t - 1.3)
+
+    hyper.minimize_hyper(fun, [0.0], optimizer=hyper.ProjectedGradientDescent(first_step=0.7))
+    assert calls[1] == pytest.approx(0.7)
+
+
 def test_rejected_step_shrinks_to_the_quadratic_minimizer():
     from dargmin.hyper._optimizers import _backtrack_factor
 

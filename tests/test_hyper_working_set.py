@@ -27,6 +27,7 @@ from dargmin.hyper import (
     HeldOutMSE,
     ImplicitSupport,
     LassoHyperCV,
+    ProjectedGradientDescent,
     SplitLBFGSB,
     WorkingSetCD,
     elastic_net,
@@ -276,8 +277,10 @@ def test_path_probe_stops_where_the_full_solve_stops(monkeypatch):
     assert p.size == f.size < 10
     assert (1 + _outer.PATH_RISE) * p[:-1].min() < p[-1] < f[-1]
     np.testing.assert_allclose(p[:-1], f[:-1], rtol=1e-4)  # both solves at a 1e-5 gap
-    np.testing.assert_allclose(probed.log_theta, full.log_theta, atol=1e-2)
-    np.testing.assert_allclose(probed.value, full.value, rtol=1e-4)
+    # The probe's solution warm-starts that point's full solve, so the searches may differ
+    # at the level of the path's 1e-5 duality gap.
+    np.testing.assert_allclose(probed.log_theta, full.log_theta, atol=5e-2)
+    np.testing.assert_allclose(probed.value, full.value, rtol=1e-3)
 
 
 class _RecordingWorkingSetCD(WorkingSetCD):
@@ -289,8 +292,10 @@ class _RecordingWorkingSetCD(WorkingSetCD):
 
 
 def test_descent_takes_the_paths_values_instead_of_solving_again():
-    # On this split the descent's doubled step lands on the upper end of its bracket, a
-    # path point: its value comes from the path record, with no solve by the search solver.
+    # On this split gradient descent's first step (half the path's spacing: an explicit
+    # ProjectedGradientDescent, without the default's model step) lands on the upper end
+    # of its bracket, a path point: its value comes from the path record, with no solve by
+    # the search solver.
     from sklearn.model_selection import train_test_split
 
     X, y = make_regression(429, 1000, n_informative=20, noise=10.0, random_state=0)
@@ -303,6 +308,7 @@ def test_descent_takes_the_paths_values_instead_of_solving_again():
         path_solver=WorkingSetCD(tol=1e-5, kkt_tol=1e-1),
         n_path=10,
         xtol=1e-2,
+        optimizer=ProjectedGradientDescent(),
     )
     mon = res.monitor
     n_path = mon.accepted.index(True)

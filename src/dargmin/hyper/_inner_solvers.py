@@ -85,6 +85,11 @@ class InnerSolver(Protocol):
     ``init(problem, log_theta, w0) -> state``, ``step(problem, log_theta, state) -> state``
     (one iteration, JAX-traceable in ``log_theta``) and ``coef(state) -> w``.
 
+    Optionally, ``probe() -> InnerSolver``: a cheap, loose and quiet variant (a few epochs or
+    Newton steps, no convergence warning) that the coarse path of
+    :func:`~dargmin.hyper.optimize_hyperparameters` solves first where it may be past the
+    CV minimum (:class:`~dargmin.hyper.WorkingSetCD`, :class:`~dargmin.hyper.ProxNewton`).
+
     Examples
     --------
     >>> isinstance(ProxCD(), InnerSolver), isinstance(object(), InnerSolver)

@@ -269,6 +269,9 @@ class ProjectedGradientDescent:
     max_backtracks: int = 30
     #: ``False``: twice the last step only, no Barzilai–Borwein step.
     barzilai_borwein: bool = True
+    #: Length ``‖Δθ‖∞`` of the first trial step (``None``: ``max_step``), e.g. the
+    #: minimizer of a model of ``R`` known from earlier evaluations.
+    first_step: float | None = None
 
     def minimize(self, evaluate, theta, lo, hi, monitor, opts: Options) -> OuterResult:
         """Run the descent (see :func:`minimize_hyper` for ``evaluate`` and ``opts``)."""
@@ -278,7 +281,10 @@ class ProjectedGradientDescent:
         def one_step(theta, value, grad, pg):
             gmax = float(np.max(np.abs(pg)))
             cap = opts.max_step / gmax
-            t = cap if step[0] is None else min(2.0 * step[0], cap)
+            if step[0] is None:
+                t = cap if self.first_step is None else min(self.first_step / gmax, cap)
+            else:
+                t = min(2.0 * step[0], cap)
             if self.barzilai_borwein and last[0] is not None:
                 s_k, y_k = theta - last[0][0], grad - last[0][1]
                 curvature = float(s_k @ y_k)

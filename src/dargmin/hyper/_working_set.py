@@ -89,12 +89,13 @@ def _cd_subproblem(
         from sklearn.exceptions import ConvergenceWarning
         from sklearn.linear_model import _cd_fast
 
-        with warnings.catch_warnings():
-            if quiet:
+        args = (w, l1, l2, XW, y, max_iter, tol, _UNUSED_RNG, False, False)
+        if quiet:
+            with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)
-            out = _cd_fast.enet_coordinate_descent(
-                w, l1, l2, XW, y, max_iter, tol, _UNUSED_RNG, False, False
-            )
+                out = _cd_fast.enet_coordinate_descent(*args)
+        else:
+            out = _cd_fast.enet_coordinate_descent(*args)
         return np.asarray(out[0]), int(out[3])
     except (ImportError, TypeError, AttributeError):  # pragma: no cover - other sklearn
         from sklearn.linear_model import ElasticNet
