@@ -99,7 +99,7 @@ def _licq_bound(factors: _Factors) -> jax.Array:
     k_norm_sq = jnp.sum(factors.k_inv**2)
     c_norm = jnp.linalg.norm(factors.c)
     size = factors.k_inv.shape[0]
-    trace = jnp.sum(factors.v**2) + size - jnp.sum(jnp.any(factors.c != 0, axis=1))
+    trace = jnp.sum(factors.schur_chol**2)  # tr(S) = ‖chol(S)‖_F²
     eps = float(jnp.finfo(factors.c.dtype).eps)
     resolved = 1.0 / k_norm_sq >= 1e4 * size * eps * trace
     bound = 1.0 / (l_norm * jnp.sqrt(k_norm_sq) * jnp.where(c_norm > 0, c_norm, 1.0))

@@ -211,23 +211,22 @@ def _support_solve(H: np.ndarray, B: np.ndarray, problem: HyperProblem, mu: Any 
     s = H.shape[0]
     vector = B.ndim == 1
     B2 = B[:, None] if vector else B
-    with jax.enable_x64(True):
-        H64, B64 = np.asarray(H, dtype=np.float64), np.asarray(B2, dtype=np.float64)
-        X, conds = _cholesky_solve_folds_host([H64], [B64])
-        cond = float(conds[0])
-        if cond < _COND_MAX:
-            x = X[0]
-            return SupportSolve(x[:, 0] if vector else x, s, None)
-        pure_l1 = mu is None or not np.any(np.asarray(mu) > 0)
-        if not pure_l1:
-            raise SingularSystemError(
-                f"The {problem.name} Hessian restricted to the support (|S| = {s}, n = "
-                f"{problem.n_samples}) is singular or nearly so (condition number >= "
-                f"{cond:.3g}). The derivative is numerically unreliable (|S| > n or collinear "
-                "active features with a vanishing ℓ2 term); increase the penalty or the ℓ2 "
-                "term."
-            )
-        x, r = _min_norm_solve_host(H64, B64)
+    H64, B64 = np.asarray(H, dtype=np.float64), np.asarray(B2, dtype=np.float64)
+    X, conds = _cholesky_solve_folds_host([H64], [B64])
+    cond = float(conds[0])
+    if cond < _COND_MAX:
+        x = X[0]
+        return SupportSolve(x[:, 0] if vector else x, s, None)
+    pure_l1 = mu is None or not np.any(np.asarray(mu) > 0)
+    if not pure_l1:
+        raise SingularSystemError(
+            f"The {problem.name} Hessian restricted to the support (|S| = {s}, n = "
+            f"{problem.n_samples}) is singular or nearly so (condition number >= "
+            f"{cond:.3g}). The derivative is numerically unreliable (|S| > n or collinear "
+            "active features with a vanishing ℓ2 term); increase the penalty or the ℓ2 "
+            "term."
+        )
+    x, r = _min_norm_solve_host(H64, B64)
     resid = np.linalg.norm(H @ x - B2) / max(float(np.linalg.norm(B2)), 1e-300)
     if resid <= 1e-6:
         note = (
