@@ -105,7 +105,13 @@ class ProxNewton:
 
     def probe(self) -> ProxNewton:
         """A loose variant for the coarse path's probes: 100 times the tolerance, at most
-        :data:`PROBE_STEPS` Newton steps, no warning."""
+        :data:`PROBE_STEPS` Newton steps, no warning.
+
+        Examples
+        --------
+        >>> ProxNewton(tol=1e-6).probe()
+        ProxNewton(tol=0.0001, max_iter=2, name='prox_newton', warn=False)
+        """
         return replace(self, tol=100.0 * self.tol, max_iter=PROBE_STEPS, warn=False)
 
     @staticmethod

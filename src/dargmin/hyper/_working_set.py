@@ -159,7 +159,13 @@ class WorkingSetCD:
     def probe(self) -> WorkingSetCD:
         """A truncated variant for the coarse path's probes (:data:`PROBE_EPOCHS` epochs per
         subproblem, no warning). A looser duality-gap tolerance would not do: scaled by
-        ``‖y‖²`` it is already met by the warm start from the previous path point."""
+        ``‖y‖²`` it is already met by the warm start from the previous path point.
+
+        Examples
+        --------
+        >>> WorkingSetCD(tol=1e-6).probe()
+        WorkingSetCD(tol=1e-06, max_iter=10, kkt_tol=0.0001, warn=False)
+        """
         return replace(self, max_iter=PROBE_EPOCHS, warn=False)
 
     @staticmethod
