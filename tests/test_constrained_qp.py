@@ -309,3 +309,29 @@ def test_active_set_corrections_cut_iterations_and_keep_the_solution():
     np.testing.assert_allclose(fast.x, plain.x, atol=1e-9 * scale)
     np.testing.assert_allclose(fast.ineq_dual, plain.ineq_dual, atol=1e-8 * scale)
     np.testing.assert_allclose(fast_grad, plain_grad, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("semidefinite", [False, True], ids=["factors-reused", "augmented"])
+def test_second_derivative_in_q_matches_differences_of_the_gradient(semidefinite):
+    """x*(Q) is nonlinear in Q on a fixed active set: the Hessian of Σ x*² along a
+    direction E of Q (forward over reverse) against central differences of the reverse
+    gradient (the check's host callback must stay out of the differentiation). A positive
+    definite Q takes the derivative that reuses the interior point's factors of Q; a
+    semidefinite Q (rank n-1, still a unique minimizer on the constraints) the augmented
+    factorization."""
+    Q, q, A, b, G, h = random_qp(3, n=8)
+    if semidefinite:
+        w, U = np.linalg.eigh(np.asarray(Q))
+        w[0] = 0.0
+        Q = jnp.asarray((U * w) @ U.T)
+    E = jnp.asarray(np.random.default_rng(4).standard_normal((8, 8)))
+
+    def loss(t):
+        return jnp.sum(solve_qp(Q + t * E, q, A, b, G, h).x ** 2)
+
+    grad = jax.grad(loss)
+    second = jax.jacfwd(grad)
+    step = 1e-4
+    differences = (grad(step) - grad(-step)) / (2 * step)
+    assert abs(float(second(0.0))) > 1e-3  # not trivially zero
+    np.testing.assert_allclose(second(0.0), differences, rtol=1e-6)

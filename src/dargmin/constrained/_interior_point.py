@@ -11,7 +11,7 @@ import equinox.internal as eqxi
 import jax
 import jax.numpy as jnp
 
-from dargmin.constrained._qp_types import QPData, QPInfo, qp_residuals
+from dargmin.constrained._qp_types import QPData, QPFactors, QPInfo, qp_residuals
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,15 @@ class InteriorPoint:
     def __call__(
         self, Q: jax.Array, q: jax.Array, A: jax.Array, b: jax.Array, G: jax.Array, h: jax.Array
     ) -> tuple[jax.Array, jax.Array, jax.Array, QPInfo]:
+        return self.solve_and_factor(Q, q, A, b, G, h)[:4]
+
+    def solve_and_factor(
+        self, Q: jax.Array, q: jax.Array, A: jax.Array, b: jax.Array, G: jax.Array, h: jax.Array
+    ) -> tuple[jax.Array, jax.Array, jax.Array, QPInfo, QPFactors]:
+        """As calling the solver, plus the factors of the dual path (``Q = LLᵀ``,
+        ``V = L⁻¹[A; G]ᵀ``, ``VᵀV``; ``usable`` false after the primal path), which
+        :func:`solve_qp`'s KKT derivative reuses instead of factorizing ``Q`` again
+        (the KKT matrix of any active set is ``Q`` and masked columns of ``V``)."""
         dtype = q.dtype
         n, p, m = q.size, b.size, h.size
         tol, gap_tol = self._tols(dtype)
@@ -267,7 +276,9 @@ class InteriorPoint:
 
             body = functools.partial(step, factorize, resolve, measures, times_g_x)
             x, s, lam, nu, k = jax.lax.while_loop(keep_going, body, state)
-            return (*self._polish(data, x, s, lam, nu, tol), k)
+            # No factors to reuse (Q is not positive definite here).
+            unused = (jnp.zeros((n, p + m), dtype), jnp.zeros((p + m, p + m), dtype))
+            return (*self._polish(data, x, s, lam, nu, tol), k, unused)
 
         def dual_path(chol_q: jax.Array) -> tuple:
             """The iterations in the variables ``z = Lᵀx`` (``Q = LLᵀ`` factorized once):
@@ -448,12 +459,18 @@ class InteriorPoint:
             iterate0 = (z0, *start(x0), nu0, jnp.zeros((), jnp.int32))
             state = (iterate0, measure_z(iterate0), (z0, nu0, lam0), jnp.zeros((), bool))
             iterate, _, (z, nu, lam), _ = jax.lax.while_loop(lambda st: ~st[3], body, state)
-            return to_x(z), nu, lam, iterate[4]
+            return to_x(z), nu, lam, iterate[4], (v, gram)
 
         if m == 0:
             # No inequality: one Newton solve is exact.
             _, (x, nu) = factorize(jnp.ones((m,), dtype), -q + G.T @ h, b)
             lam, k = jnp.ones((m,), dtype), jnp.ones((), jnp.int32)
+            factors = QPFactors(
+                jnp.zeros((n, n), dtype),
+                jnp.zeros((n, p), dtype),
+                jnp.zeros((p, p), dtype),
+                jnp.zeros((), bool),
+            )
         else:
             # A positive definite Q (its Cholesky pivots within 1e-9 of each other,
             # squared) takes the dual path (``dual_path``: Q factorized once, (p + m)
@@ -465,14 +482,11 @@ class InteriorPoint:
             pivots = jnp.abs(jnp.diag(chol_q))
             ratio = (jnp.min(pivots) / jnp.maximum(jnp.max(pivots), 1e-300)) ** 2
             definite = jnp.all(jnp.isfinite(pivots)) & (ratio >= 1e-9)
-            x, nu, lam, k = jax.lax.cond(
-                eqxi.unvmap_all(definite),
-                dual_path,
-                primal_path,
-                chol_q,
-            )
+            took_dual_path = eqxi.unvmap_all(definite)
+            x, nu, lam, k, (v, gram) = jax.lax.cond(took_dual_path, dual_path, primal_path, chol_q)
+            factors = QPFactors(chol_q, v, gram, took_dual_path)
         primal, dual, gap = qp_residuals(data, x, nu, lam)
-        return x, nu, lam, QPInfo(accepted(x, nu, lam), k, primal, dual, gap)
+        return x, nu, lam, QPInfo(accepted(x, nu, lam), k, primal, dual, gap), factors
 
     @staticmethod
     def _polish(

@@ -88,13 +88,21 @@ class _QPConfig:
 @functools.partial(jax.jit, static_argnums=0)
 def _solve_one(config: _QPConfig, Q, q, A, b, G, h) -> QPSolution:
     frozen = jax.lax.stop_gradient
-    x, nu, lam, info = config.solver(*frozen((Q, q, A, b, G, h)))
-    info = jax.tree_util.tree_map(frozen, info)
     args = (Q, q, A, b, G, h)
-    if isinstance(config.settings.linear_solver, LU):
+    lu = isinstance(config.settings.linear_solver, LU)
+    solve_and_factor = getattr(config.solver, "solve_and_factor", None)
+    reuse = None
+    if lu and solve_and_factor is not None:
+        # A solver that factorizes Q hands its factors to the derivative.
+        x, nu, lam, info, reuse = solve_and_factor(*frozen(args))
+        reuse = frozen(reuse)
+    else:
+        x, nu, lam, info = config.solver(*frozen(args))
+    info = jax.tree_util.tree_map(frozen, info)
+    if lu:
         # The default: the QP's own derivative (one Cholesky chain, see _qp_derivative).
         nu, lam, mask = qp_duals_and_mask(config.settings, frozen(x), nu, lam, frozen(args))
-        x, nu, lam = qp_kkt_solution(config.settings, frozen((x, nu, lam)), mask, args)
+        x, nu, lam = qp_kkt_solution(config.settings, frozen((x, nu, lam)), mask, args, reuse)
         return QPSolution(x, nu, lam, info)
     # Another linear solver (lstsq for redundant equalities, iterative): the generic route.
     sol = kkt_solution(QP_PROBLEM, x, *args, eq_dual=nu, ineq_dual=lam, settings=config.settings)

@@ -58,6 +58,17 @@ class QPSolution(NamedTuple):
     info: QPInfo
 
 
+class QPFactors(NamedTuple):
+    """Factors a forward solver may hand to the KKT derivative for reuse (see
+    :meth:`InteriorPoint.solve_and_factor`): ``Q = LLᵀ``, ``V = L⁻¹[A; G]ᵀ`` and
+    ``VᵀV``, usable where ``usable`` (``Q`` positive definite and the factors computed)."""
+
+    chol: jax.Array
+    v: jax.Array
+    gram: jax.Array
+    usable: jax.Array
+
+
 class QPSolver(Protocol):
     """A forward QP solver: ``(Q, q, A, b, G, h) -> (x, ν, λ, info)``, traceable (a
     callback for external solvers), for one unbatched problem."""
