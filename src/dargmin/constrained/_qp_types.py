@@ -71,7 +71,13 @@ class QPFactors(NamedTuple):
 
 class QPSolver(Protocol):
     """A forward QP solver: ``(Q, q, A, b, G, h) -> (x, ν, λ, info)``, traceable (a
-    callback for external solvers), for one unbatched problem."""
+    callback for external solvers), for one unbatched problem.
+
+    A solver may also have a ``solve_and_factor`` method with the same arguments,
+    returning ``(x, ν, λ, info, QPFactors)``: :func:`solve_qp` then calls it instead and
+    its default derivative reuses the factors where ``usable`` (they must be exactly the
+    Cholesky factor of ``½(Q + Qᵀ)``, ``L⁻¹[A; G]ᵀ`` and its Gram matrix, as
+    :meth:`InteriorPoint.solve_and_factor` computes them)."""
 
     def __call__(
         self, Q: jax.Array, q: jax.Array, A: jax.Array, b: jax.Array, G: jax.Array, h: jax.Array
