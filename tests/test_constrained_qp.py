@@ -335,3 +335,22 @@ def test_second_derivative_in_q_matches_differences_of_the_gradient(semidefinite
     differences = (grad(step) - grad(-step)) / (2 * step)
     assert abs(float(second(0.0))) > 1e-3  # not trivially zero
     np.testing.assert_allclose(second(0.0), differences, rtol=1e-6)
+
+
+def test_a_skew_part_of_q_changes_nothing_even_in_one_member_of_a_batch():
+    """xᵀQx sees only ½(Q + Qᵀ): adding a skew-symmetric matrix to one member of a batch
+    (the solver symmetrizes only when some member needs it) leaves every solution and
+    gradient as it was."""
+    Q, q, A, b, G, h = random_qp(5, n=12, batch=(3,))
+    skew = np.random.default_rng(6).standard_normal((12, 12))
+    Q_skewed = Q.at[1].add(jnp.asarray(skew - skew.T))
+
+    def solve_and_grad(Q):
+        sol = solve_qp(Q, q, A, b, G, h)
+        grad = jax.grad(lambda q: solve_qp(Q, q, A, b, G, h).x.sum())(q)
+        return sol.x, grad
+
+    x, grad = solve_and_grad(Q)
+    x_skewed, grad_skewed = solve_and_grad(Q_skewed)
+    np.testing.assert_allclose(x_skewed, x, atol=1e-9)
+    np.testing.assert_allclose(grad_skewed, grad, atol=1e-9)

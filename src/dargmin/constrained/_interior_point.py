@@ -100,7 +100,12 @@ class InteriorPoint:
         dtype = q.dtype
         n, p, m = q.size, b.size, h.size
         tol, gap_tol = self._tols(dtype)
-        Q = 0.5 * (Q + Q.T)
+        # ½(Q + Qᵀ) only where some member of the batch is not symmetric: the comparison
+        # reads Q once, the symmetrizing pass also writes it through a transpose, the
+        # slowest kind of copy on the CPU (with the copy to LAPACK's layout after it, 25 ms
+        # of the forward pass at n = 100, batch 128; 57 ms at n = 500, batch 8).
+        asymmetric = eqxi.unvmap_any(jnp.any(Q != Q.T))
+        Q = jax.lax.cond(asymmetric, lambda m: 0.5 * (m + m.T), lambda m: m, Q)
         data = QPData(Q, q, A, b, G, h)
         scale_q = 1.0 + jnp.max(jnp.abs(q), initial=0.0)
         scale_p = 1.0 + jnp.maximum(
