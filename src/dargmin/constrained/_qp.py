@@ -35,7 +35,14 @@ from dargmin.constrained._derivative import kkt_solution
 from dargmin.constrained._external import OSQP, Clarabel, _external_call
 from dargmin.constrained._interior_point import InteriorPoint
 from dargmin.constrained._qp_derivative import qp_duals_and_mask, qp_kkt_solution
-from dargmin.constrained._qp_types import QPData, QPInfo, QPSolution, QPSolver, qp_residuals
+from dargmin.constrained._qp_types import (
+    QPData,
+    QPFactors,
+    QPInfo,
+    QPSolution,
+    QPSolver,
+    qp_residuals,
+)
 from dargmin.constrained._settings import (
     ConstrainedProblem,
     Degenerate,
@@ -53,6 +60,7 @@ __all__ = [
     "Clarabel",
     "InteriorPoint",
     "QPData",
+    "QPFactors",
     "QPInfo",
     "QPSolution",
     "QPSolver",
