@@ -96,7 +96,21 @@ class InteriorPoint:
         """As calling the solver, plus the factors of the dual path (``Q = LLᵀ``,
         ``V = L⁻¹[A; G]ᵀ``, ``VᵀV``; ``usable`` false after the primal path), which
         :func:`solve_qp`'s KKT derivative reuses instead of factorizing ``Q`` again
-        (the KKT matrix of any active set is ``Q`` and masked columns of ``V``)."""
+        (the KKT matrix of any active set is ``Q`` and masked columns of ``V``).
+
+        Examples
+        --------
+        >>> import jax.numpy as jnp
+        >>> Q, q = jnp.array([[4.0, 1.0], [1.0, 2.0]]), jnp.array([-1.0, -1.0])
+        >>> A, b = jnp.zeros((0, 2)), jnp.zeros((0,))
+        >>> G, h = jnp.array([[1.0, 1.0]]), jnp.array([0.2])
+        >>> *_, factors = InteriorPoint().solve_and_factor(Q, q, A, b, G, h)
+        >>> L = factors.chol
+        >>> bool(factors.usable), bool(jnp.allclose(L @ L.T, Q))
+        (True, True)
+        >>> bool(jnp.allclose(L @ factors.v, jnp.concatenate([A, G]).T))
+        True
+        """
         dtype = q.dtype
         n, p, m = q.size, b.size, h.size
         tol, gap_tol = self._tols(dtype)
