@@ -87,9 +87,11 @@ class QPSolver(Protocol):
 def qp_residuals(
     data: QPData, x: jax.Array, nu: jax.Array, lam: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``(primal, dual, gap)`` of :class:`QPInfo` at ``(x, ν, λ)``."""
+    """``(primal, dual, gap)`` of :class:`QPInfo` at ``(x, ν, λ)``; the objective's
+    gradient is ``½(Q + Qᵀ)x + q`` for any ``Q`` (an external solver gets the caller's)."""
     Q, q, A, b, G, h = data
-    dual = jnp.max(jnp.abs(Q @ x + q + A.T @ nu + G.T @ lam), initial=0.0)
+    grad = 0.5 * (Q @ x + x @ Q) + q
+    dual = jnp.max(jnp.abs(grad + A.T @ nu + G.T @ lam), initial=0.0)
     primal = jnp.maximum(jnp.max(jnp.abs(A @ x - b), initial=0.0), jnp.max(G @ x - h, initial=0.0))
     slack = jnp.maximum(h - G @ x, 0.0)
     gap = jnp.sum(slack * lam) / max(h.size, 1)
