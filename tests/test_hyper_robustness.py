@@ -143,8 +143,11 @@ def test_more_features_than_samples(n, p):
             ]
         )
 
-    # (the search solves to a 1e-6 duality gap: its CV loss is accurate to ~1e-4)
-    assert est.cv_loss_ == pytest.approx(cv_mse(est.alpha_), rel=1e-3)
+    # The search solves to a duality gap of 1e-6 ‖y‖² (scikit-learn's scaling): with noise 1
+    # and var(y) about 4000 times the CV loss, the loss is accurate to a few 1e-3 (measured
+    # 2.7e-3 at n, p = 40, 60; cv_loss_'s documented error).
+    rel = 1e-6 * np.var(y) / est.cv_loss_
+    assert est.cv_loss_ == pytest.approx(cv_mse(est.alpha_), rel=max(1e-3, 2 * rel))
     amax = np.max(np.abs((X - X.mean(0)).T @ (y - y.mean()))) / n
     grid_best = min(cv_mse(a) for a in amax * np.geomspace(1, 1e-3, 13)[1:])
     assert est.cv_loss_ <= 1.001 * grid_best

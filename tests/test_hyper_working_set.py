@@ -270,6 +270,7 @@ def test_path_probe_stops_where_the_full_solve_stops(monkeypatch):
     monkeypatch.setattr(_outer, "PATH_PROBE_BELOW", np.inf)
     probed = optimize_hyperparameters(problem, criterion, **options)
     monkeypatch.setattr(_outer, "PATH_PROBE_BELOW", -np.inf)
+    monkeypatch.setattr(_outer, "PATH_PROBE_SLOWDOWN", 0.0)
     full = optimize_hyperparameters(problem, criterion, **options)
     p, f = path_values(probed), path_values(full)
     # The same stopping point, where the probe's loose value already rose by PATH_RISE
@@ -340,3 +341,89 @@ def test_host_minimum_norm_solve_matches_the_pseudo_inverse():
     assert rank == np.linalg.matrix_rank(H) == 5
     np.testing.assert_allclose(X, np.linalg.pinv(H, rcond=1e-10, hermitian=True) @ B, atol=1e-10)
     np.testing.assert_allclose(H @ X, B, atol=1e-9)
+
+
+def test_repeated_solve_from_its_own_solution_is_remembered(data, monkeypatch):
+    # A converged solve is a fixed point of the solver: solving again at the same θ from its
+    # solution returns it without calling the kernel; a truncated probe is not a fixed
+    # point, so a second probe from its output runs (and descends) again.
+    from dargmin.hyper import _working_set
+
+    calls = []
+    kernel = _working_set._cd_subproblem
+    monkeypatch.setattr(
+        _working_set, "_cd_subproblem", lambda *a, **k: calls.append(1) or kernel(*a, **k)
+    )
+    X, y = data
+    prob = lasso(X, y)
+    theta = [np.log(0.05 * prob.alpha_max())]
+    first = WorkingSetCD(tol=1e-10).solve(prob, theta)
+    n_calls = len(calls)
+    again = WorkingSetCD(tol=1e-10).solve(prob, theta, first.coef)
+    assert first.n_iter > 0 and again.n_iter == 0 and len(calls) == n_calls > 0
+    np.testing.assert_array_equal(again.coef, first.coef)
+    assert again.coef is not first.coef  # a copy: callers may write into theirs
+    # The same solve from a fresh problem object (no memory) agrees to the tolerance.
+    fresh = WorkingSetCD(tol=1e-10).solve(lasso(X, y), theta, first.coef)
+    np.testing.assert_allclose(fresh.coef, first.coef, atol=1e-8)
+    # Another θ or tolerance is solved, not recalled.
+    other = WorkingSetCD(tol=1e-10).solve(prob, [theta[0] - 0.5], first.coef)
+    assert other.n_iter > 0
+
+    warm = WorkingSetCD(tol=1e-10).solve(prob, [np.log(0.5 * prob.alpha_max())]).coef
+    probe = WorkingSetCD(tol=1e-10).probe()
+    p1 = probe.solve(prob, theta, warm)
+    p2 = probe.solve(prob, theta, p1.coef)
+    assert p2.n_iter > 0
+    assert not np.array_equal(p2.coef, p1.coef)
+
+
+@pytest.mark.parametrize(
+    "values, probe",
+    [
+        ([402.1, 260.9], False),  # one decrease of 35 %: no history to compare
+        ([1297.0, 402.1, 260.9], True),  # log-decrease 1.17 then 0.43: below half
+        ([4749.0, 1297.0, 402.1], False),  # 1.30 then 1.17: steady
+        ([300.0, 280.0, 275.0], True),  # last decrease below 10 % (PATH_PROBE_BELOW)
+        ([300.0, 310.0, 200.0], False),  # a rise before the last decrease
+    ],
+)
+def test_path_probes_when_the_decrease_slows(values, probe):
+    from dargmin.hyper._outer import _flattening
+
+    visited = [(v, i, np.array([float(-i)]), None) for i, v in enumerate(values)]
+    assert _flattening(visited) is probe
+
+
+def test_design_is_column_major_and_centered(data):
+    # The solvers read columns: the design is built column-major (no per-solver copy) and
+    # equals the centered X; a fold (subset) too.
+    X, y = data
+    prob = lasso(X, y)
+    assert prob.design.flags.f_contiguous
+    np.testing.assert_allclose(prob.design, X - X.mean(axis=0), atol=1e-12)
+    np.testing.assert_allclose(prob.col_sq, np.sum((X - X.mean(axis=0)) ** 2, axis=0))
+    fold = prob.subset(np.arange(10, 60))
+    assert fold.design.flags.f_contiguous
+    np.testing.assert_allclose(fold.design, X[10:] - X[10:].mean(axis=0), atol=1e-12)
+    logistic = sparse_logistic(X, np.sign(y))  # the intercept as a column of ones
+    assert logistic.design.flags.f_contiguous
+    np.testing.assert_array_equal(logistic.design, np.hstack([X, np.ones((X.shape[0], 1))]))
+
+
+def test_least_squares_restricted_hessian_matches_the_weighted_formula(data):
+    # The least-squares shortcut (ℓ'' = 1/n, no prediction) against the general formula
+    # X_Sᵀ diag(ℓ''(Xw)) X_S + diag(μ_S) of the data fit's own Hessian diagonal.
+    from dargmin.hyper._hypergradients import _restricted_hessian
+
+    X, y = data
+    prob = elastic_net(X, y)
+    w = WorkingSetCD().solve(prob, [np.log(0.05 * prob.alpha_max()), np.log(0.3)]).coef
+    S = np.flatnonzero(w)
+    l2 = np.full(prob.n_coef, 0.3)
+    H, XS, d = _restricted_hessian(prob, w, S, l2)
+    dd = prob.datafit.hess_diag_host(prob.design @ w, prob.target)
+    XS_ref = prob.design[:, S]
+    np.testing.assert_array_equal(XS, XS_ref)
+    np.testing.assert_allclose(d, dd)
+    np.testing.assert_allclose(H, XS_ref.T @ (dd[:, None] * XS_ref) + np.diag(l2[S]), rtol=1e-12)

@@ -209,6 +209,7 @@ class CrossVal(eqx.Module):
         self.cv = cv
         self.cache = Cache()
 
+    @_host_method
     def folds(self, problem: HyperProblem) -> list[tuple[HyperProblem, Criterion]]:
         """The per-fold ``(inner problem, held-out criterion)`` pairs (cached per problem)."""
         # Same fold objects on every evaluation (one entry: the last problem): no copies of

@@ -67,6 +67,14 @@ class Monitor:
         self.grad_norms.append(float(grad_norm))
         self.accepted.append(bool(accepted))
 
+    def revise(self, start: int, log_theta: Array, value: float) -> None:
+        """Replace the values of the records of ``log_theta`` from index ``start`` on by
+        ``value``, a more accurate evaluation of the same point."""
+        t = np.asarray(log_theta, dtype=float).reshape(-1)
+        for i in range(start, len(self.values)):
+            if np.array_equal(self.log_thetas[i], t):
+                self.values[i] = float(value)
+
     def best(self, start: int = 0) -> tuple[np.ndarray, float]:
         """The evaluated ``(log_theta, value)`` with the lowest finite value, among the
         records from index ``start`` on (a reused monitor keeps earlier runs' records)."""

@@ -106,11 +106,8 @@ class SklearnSolver:
         # Fortran order is what the coordinate descent reads; with it, and float64
         # contiguous data, fit(check_input=False) skips scikit-learn's validation (about a
         # millisecond a call, as much as a warm-started solve).
-        X = (
-            problem.cache.get("design_fortran", lambda: np.asfortranarray(problem.design))
-            if uniform
-            else np.asfortranarray(problem.design * scale)
-        )
+        # (problem.design is column-major already; the product keeps its layout)
+        X = problem.design if uniform else np.asfortranarray(problem.design * scale)
         key = (id(problem), uniform)
         if self._est is None or self._key != key:
             # A new problem (e.g. another CV fold): start a fresh estimator, warm-started
