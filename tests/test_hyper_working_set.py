@@ -406,6 +406,9 @@ def test_design_is_column_major_and_centered(data):
     fold = prob.subset(np.arange(10, 60))
     assert fold.design.flags.f_contiguous
     np.testing.assert_allclose(fold.design, X[10:] - X[10:].mean(axis=0), atol=1e-12)
+    plain = lasso(X, y, fit_intercept=False)  # the design is X, one shared copy
+    assert plain.design is plain.X and plain.design.flags.f_contiguous
+    np.testing.assert_array_equal(plain.X, X)
     logistic = sparse_logistic(X, np.sign(y))  # the intercept as a column of ones
     assert logistic.design.flags.f_contiguous
     np.testing.assert_array_equal(logistic.design, np.hstack([X, np.ones((X.shape[0], 1))]))

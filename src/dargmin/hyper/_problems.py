@@ -217,6 +217,8 @@ class HyperProblem(eqx.Module):
             design, target = np.empty((n, p + 1), order="F"), y
             design[:, :p], design[:, p] = X, 1.0
         else:
+            # The design is X itself (one column-major copy, shared).
+            X = np.asfortranarray(X)
             x_off, y_off = np.zeros(p), 0.0
             design, target = X, y
         self.X, self.y, self.datafit, self.n_hyper = X, y, datafit, int(n_hyper)
