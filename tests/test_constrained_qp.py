@@ -243,6 +243,38 @@ def test_float32_batch_converges_and_agrees_with_float64():
     assert float(jnp.max(jnp.abs(g32 - g64))) <= 1e-4 * float(jnp.max(jnp.abs(g64)))
 
 
+def _qp_with_multipliers(seed, n, lam_active):
+    """A QP whose solution x* and multipliers are chosen: ``len(lam_active)`` active
+    inequalities with those multipliers (λ = 0: weakly active), the others inactive."""
+    rng = np.random.default_rng(seed)
+    L = rng.standard_normal((n, n))
+    Q = L @ L.T + 1e-3 * np.eye(n)
+    x, G = rng.standard_normal(n), rng.standard_normal((n // 2, n))
+    lam = np.zeros(n // 2)
+    lam[: len(lam_active)] = lam_active
+    h = G @ x + np.where(np.arange(n // 2) < len(lam_active), 0.0, rng.uniform(0.5, 1.5, n // 2))
+    q = -Q @ x - G.T @ lam
+    return Q, q, G, h
+
+
+def test_float32_degeneracy_threshold_refuses_weak_activity_only():
+    # float32's degeneracy tolerance (1e-4 relative): an active constraint with a small but
+    # genuine multiplier (3e-4 of the largest) is differentiated, its gradient equal to
+    # float64's to float32 accuracy (the 1e-3 default refused such members of 1 batch in
+    # 16 at n = 100); a constraint active with λ = 0 is still refused in float32.
+    Q, q, G, h = _qp_with_multipliers(0, 30, [3.0, 1.0, 3.0 * 3e-4])
+
+    def grad(dtype):
+        args = [jnp.asarray(a, dtype) for a in (Q, q, G, h)]
+        return jax.grad(lambda q_: solve_qp(args[0], q_, G=args[2], h=args[3]).x.sum())(args[1])
+
+    g64, g32 = grad(jnp.float64), grad(jnp.float32)
+    assert float(jnp.max(jnp.abs(g32 - g64))) <= 1e-3 * float(jnp.max(jnp.abs(g64)))
+    Q, q, G, h = _qp_with_multipliers(0, 30, [3.0, 1.0, 0.0])
+    with pytest.raises(DegenerateActiveSetError, match="weakly active"):
+        grad(jnp.float32)
+
+
 def test_licq_bound_from_the_factors_is_a_lower_bound_and_dependent_rows_are_named():
     # The KKT check skips its SVD when the derivative's factors certify σ_min/σ_max of
     # the active rows above the rank tolerance. Truth: the SVD of those rows.

@@ -90,7 +90,8 @@ class KKTCheck:
         Largest accepted ``‖∇f + J_hᵀν + J_gᵀλ‖`` (relative). Same defaults.
     degeneracy_tol
         An inequality whose multiplier and slack are both below this (relative) is weakly
-        active: the derivative does not exist there. Same defaults; it must sit above the
+        active: the derivative does not exist there. Default ``1e-6`` (float64), ``1e-4``
+        (float32); it must sit above the
         accuracy of the solver's complementarity (an interior-point method stopped at
         ``sᵀλ = μ`` leaves both near ``√μ`` on a weakly active constraint).
     rank_tol
@@ -128,7 +129,11 @@ class KKTCheck:
         return {
             "feasibility": self.feasibility_tol or default,
             "stationarity": self.stationarity_tol or default,
-            "degeneracy": self.degeneracy_tol or default,
+            # float32: 1e-4, not 1e-3. On 40 random QPs (n = 10-100, qpth's setting) with one
+            # constraint made weakly active, the float32 interior point left its multiplier
+            # and slack at most 6.4e-7 and 5.9e-6 (relative); genuinely active constraints
+            # had multipliers down to 1.0e-3, which a 1e-3 threshold refused.
+            "degeneracy": self.degeneracy_tol or (1e-6 if double else 1e-4),
             "rank": self.rank_tol or (1e-9 if double else 1e-4),
         }
 
