@@ -51,6 +51,13 @@ CASES = (
         (1000, 32, ("float64",)),
     ]
 )
+if os.environ.get("DARGMIN_QP_GPU_CASES"):
+    # e.g. "100x128:float32,500x8:float64"
+    CASES = []
+    for item in os.environ["DARGMIN_QP_GPU_CASES"].split(","):
+        size, dtype = item.split(":")
+        n_, batch_ = (int(v) for v in size.split("x"))
+        CASES.append((n_, batch_, (dtype,)))
 REPEATS = 5
 
 

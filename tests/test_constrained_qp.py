@@ -275,6 +275,21 @@ def test_float32_degeneracy_threshold_refuses_weak_activity_only():
         grad(jnp.float32)
 
 
+def test_float32_products_are_full_precision():
+    # GPUs run float32 matrix products in TF32 by default; the interior point then stalled
+    # (an H200, n = 100: equality violation 61). Every product of the solve and of its
+    # derivative is lowered at full precision (the CPU ignores the setting, so the
+    # lowering, not a GPU run, is the check).
+    args = [jnp.asarray(a, jnp.float32) for a in random_qp(0, n=6, batch=(3,))]
+
+    def loss_grad(*a):
+        return jax.grad(lambda q: solve_qp(a[0], q, *a[2:]).x.sum())(a[1])
+
+    text = jax.jit(loss_grad).lower(*args).as_text()
+    dots = re.findall(r"stablehlo\.dot_general.*", text)
+    assert dots and all("HIGHEST" in d for d in dots)
+
+
 def test_licq_bound_from_the_factors_is_a_lower_bound_and_dependent_rows_are_named():
     # The KKT check skips its SVD when the derivative's factors certify σ_min/σ_max of
     # the active rows above the rank tolerance. Truth: the SVD of those rows.

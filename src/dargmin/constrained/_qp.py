@@ -218,7 +218,12 @@ def solve_qp(
 
 def _run(fn: Any, *args: jax.Array) -> QPSolution:
     try:
-        return fn(*args)
+        # Full float32 products: GPUs run float32 matrix products in TF32 (a 10-bit
+        # mantissa) by default, and the interior point then stalls away from the feasible
+        # set (measured on an H200: n = 100, batch 128, equality violation 61 where the CPU
+        # converged to 1e-6). No effect in float64 or on the CPU.
+        with jax.default_matmul_precision("float32"):
+            return fn(*args)
     except (jax.errors.JaxRuntimeError, ValueError) as err:
         if not isinstance(err, DargminError):
             reraise_constrained(err)
