@@ -34,7 +34,7 @@ import numpy as np
 jax.config.update("jax_enable_x64", True)
 sys.path.insert(0, str(Path(__file__).parent))
 
-from qp_vs_peers import exact_gradient, random_qps, relative_errors
+from qp_vs_peers import dargmin_layer, exact_gradient, random_qps, relative_errors
 
 from dargmin.constrained import solve_qp
 
@@ -70,23 +70,6 @@ def median_ms(fn: Callable[[], Any]) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times)
-
-
-def dargmin_layer(problem: tuple, dtype: str, check: str = "raise") -> tuple[Callable, Callable]:
-    args = tuple(jax.device_put(jnp.asarray(a, dtype=dtype)) for a in problem)
-    forward = jax.jit(lambda *a: solve_qp(*a, check=check).x)
-    loss = jax.jit(
-        jax.grad(lambda *a: solve_qp(*a, check=check).x.sum(), argnums=(0, 1, 2, 3, 4, 5))
-    )
-
-    def fwd() -> np.ndarray:
-        return np.asarray(jax.block_until_ready(forward(*args)))
-
-    def both() -> np.ndarray:
-        grads = jax.block_until_ready(loss(*args))
-        return np.concatenate([np.asarray(grads[1]), np.asarray(grads[5])], axis=1)
-
-    return fwd, both
 
 
 def qpth_layer(problem: tuple, dtype: str) -> tuple[Callable, Callable]:

@@ -119,10 +119,15 @@ def median_ms(fn: Callable[[], Any], repeats: int = REPEATS) -> float:
 # --------------------------------------------------------------------------------------
 
 
-def dargmin_layer(problem: Problem) -> tuple[Callable, Callable]:
-    args = tuple(jnp.asarray(a) for a in problem)
-    forward = jax.jit(lambda *a: solve_qp(*a).x)
-    loss = jax.jit(jax.grad(lambda *a: solve_qp(*a).x.sum(), argnums=(0, 1, 2, 3, 4, 5)))
+def dargmin_layer(
+    problem: Problem, dtype: str = "float64", check: str = "raise"
+) -> tuple[Callable, Callable]:
+    # On the default device (benchmarks/qp_gpu.py runs it on a GPU, also in float32).
+    args = tuple(jnp.asarray(a, dtype=dtype) for a in problem)
+    forward = jax.jit(lambda *a: solve_qp(*a, check=check).x)
+    loss = jax.jit(
+        jax.grad(lambda *a: solve_qp(*a, check=check).x.sum(), argnums=(0, 1, 2, 3, 4, 5))
+    )
 
     def fwd() -> np.ndarray:
         return np.asarray(jax.block_until_ready(forward(*args)))
