@@ -207,3 +207,28 @@ def test_check_kkt_reports_recovered_duals_and_degenerate_numbers():
     assert report.measurements["stationarity"] < 1e-12
     one_sided = check_kkt(f, jnp.minimum(c, 0.0), c, ineq=lambda x, c: x, degenerate="active")
     assert one_sided.ok and one_sided.active.tolist() == [True, False, True]
+
+
+def test_float32_kkt_derivative_products_are_full_precision():
+    # As for dargmin.argmin (TF32 on GPUs): every product of the KKT derivative, including
+    # those of the problem's own functions, is lowered at full float32 precision.
+    import re
+
+    C32, E32 = C.astype(jnp.float32), E.astype(jnp.float32)
+    x_np = np.linalg.solve(
+        np.asarray(kkt_matrix()), np.concatenate([np.asarray(C.T) @ np.ones(8), np.zeros(2)])
+    )[:4]
+    x32 = jnp.asarray(x_np, jnp.float32)
+
+    @constrained_argmin(
+        lambda x, d, f: 0.5 * jnp.sum((C32 @ x - d) ** 2), eq=lambda x, d, f: E32 @ x - f
+    )
+    def solver(init, d, f):
+        return x32
+
+    def program(d):
+        return jax.grad(lambda dd: solver(None, dd, jnp.zeros(2, jnp.float32)).sum())(d)
+
+    text = jax.jit(program).lower(jnp.ones(8, jnp.float32)).as_text()
+    dots = re.findall(r"stablehlo\.dot_general.*", text)
+    assert dots and all("HIGHEST" in d for d in dots)

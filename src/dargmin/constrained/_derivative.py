@@ -65,6 +65,13 @@ def _kkt_solution(
 
 @_kkt_solution.defjvp
 def _kkt_solution_jvp(fns, settings, primals, tangents):
+    # The KKT check's measurements and the derivative at full float32 precision (GPUs
+    # default to TF32 products; see dargmin.implicit).
+    with jax.default_matmul_precision("float32"):
+        return _kkt_tangent(fns, settings, primals, tangents)
+
+
+def _kkt_tangent(fns, settings, primals, tangents):
     z, mask, args = primals
     _, _, args_dot = tangents
     frozen = jax.lax.stop_gradient
@@ -98,14 +105,20 @@ def _attach_kkt(
 ) -> KKTSolution:
     # Hoist arrays the problem's functions close over (tracers of an outer transformation)
     # into explicit arguments, so they are differentiated like params.
-    parts, hoisted = jax.closure_convert(problem_parts, x, *params)
-    args = (*params, *hoisted)
-    frozen = jax.lax.stop_gradient
-    tolerances = settings.check.tolerances(ravel_pytree(x)[0].dtype)
-    recovered = nu is None or lam is None
-    # Under jit the Jacobians are dead code when the duals are given (only g is used).
-    pieces = frozen(_pieces(parts, x, args))
-    nu, lam, mask = duals_and_mask(pieces, frozen(nu), frozen(lam), tolerances, settings.degenerate)
+    # At full float32 precision (GPUs default to TF32 products; see dargmin.implicit): the
+    # converted functions keep the precision of their products from this trace, and the
+    # recovered duals and the active set come from full-precision Jacobians.
+    with jax.default_matmul_precision("float32"):
+        parts, hoisted = jax.closure_convert(problem_parts, x, *params)
+        args = (*params, *hoisted)
+        frozen = jax.lax.stop_gradient
+        tolerances = settings.check.tolerances(ravel_pytree(x)[0].dtype)
+        recovered = nu is None or lam is None
+        # Under jit the Jacobians are dead code when the duals are given (only g is used).
+        pieces = frozen(_pieces(parts, x, args))
+        nu, lam, mask = duals_and_mask(
+            pieces, frozen(nu), frozen(lam), tolerances, settings.degenerate
+        )
     fns = _KKTFunctions(parts, recovered)
     x_out, nu_out, lam_out = _kkt_solution(fns, settings, (x, nu, lam), mask, args)
     return KKTSolution(x_out, nu_out, lam_out)
