@@ -210,7 +210,7 @@ class WorkingSetCD:
         # result (the solver is deterministic, and a solution is a fixed point of it): the
         # coarse path's best point is evaluated once more, with its hypergradient, from its
         # own solution (a solve of no epochs, 0.4 ms a fold on make_regression 300x1000).
-        key = (float(lam), float(mu), self.tol, self.max_iter)
+        key = (float(lam), float(mu), self)  # self: all the settings (a frozen dataclass)
         memo = problem.cache.get("ws_results", dict)
         hit = memo.get(key)
         if hit is not None and np.array_equal(hit[0], w):
