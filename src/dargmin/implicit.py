@@ -47,6 +47,7 @@ from dargmin.linear_solvers import (
     LinearSolver,
     as_linear_solver,
     factorize,
+    full_float32_products,
     operator_tags,
     stop_gradient_arrays,
     with_tolerances,
@@ -120,11 +121,8 @@ def _implicit_solution(g: Callable[..., PyTree], cfg: ImplicitConfig, x_star: Py
 
 @_implicit_solution.defjvp
 def _implicit_solution_jvp(g, cfg, primals, tangents):
-    # Full float32 products in the derivative (the solver is the user's): GPUs run float32
-    # matrix products in TF32 by default (a 10-bit mantissa), which made the dense
-    # derivative of a float32 ridge argmin 340 times less accurate on an H200 (7.9e-5
-    # against 2.4e-7 relative error, p = 150). No effect in float64 or on the CPU.
-    with jax.default_matmul_precision("float32"):
+    # Full float32 products in the derivative (the solver is the user's; TF32 on GPUs).
+    with full_float32_products():
         return _implicit_tangent(g, cfg, primals, tangents)
 
 
@@ -289,9 +287,9 @@ def _attach(
 ) -> PyTree:
     # Hoist arrays that g closes over (tracers of an outer transformation) into explicit
     # arguments: jax.custom_jvp cannot differentiate through closed-over tracers otherwise.
-    # Traced here, so at full float32 precision too (see _implicit_solution_jvp): the
-    # converted function keeps the precision of its products from this trace.
-    with jax.default_matmul_precision("float32"):
+    # Traced here, so at full float32 precision too: the converted function keeps the
+    # precision of its products from this trace.
+    with full_float32_products():
         g_converted, hoisted = jax.closure_convert(optimality_fn, x_star, *params)
     n_params = len(params)
 

@@ -29,7 +29,7 @@ from dargmin.constrained._verdict import kkt_report
 from dargmin.diagnostics import Check, CheckMode
 from dargmin.errors import DargminError
 from dargmin.implicit import _WeakCallable, implicit_solution
-from dargmin.linear_solvers import LinearSolver, as_linear_solver
+from dargmin.linear_solvers import LinearSolver, as_linear_solver, full_float32_products
 
 PyTree = Any
 
@@ -65,9 +65,9 @@ def _kkt_solution(
 
 @_kkt_solution.defjvp
 def _kkt_solution_jvp(fns, settings, primals, tangents):
-    # The KKT check's measurements and the derivative at full float32 precision (GPUs
-    # default to TF32 products; see dargmin.implicit).
-    with jax.default_matmul_precision("float32"):
+    # The KKT check's measurements and the derivative at full float32 precision (TF32 on
+    # GPUs).
+    with full_float32_products():
         return _kkt_tangent(fns, settings, primals, tangents)
 
 
@@ -105,10 +105,10 @@ def _attach_kkt(
 ) -> KKTSolution:
     # Hoist arrays the problem's functions close over (tracers of an outer transformation)
     # into explicit arguments, so they are differentiated like params.
-    # At full float32 precision (GPUs default to TF32 products; see dargmin.implicit): the
-    # converted functions keep the precision of their products from this trace, and the
-    # recovered duals and the active set come from full-precision Jacobians.
-    with jax.default_matmul_precision("float32"):
+    # At full float32 precision (TF32 on GPUs): the converted functions keep the
+    # precision of their products from this trace, and the recovered duals and the active
+    # set come from full-precision Jacobians.
+    with full_float32_products():
         parts, hoisted = jax.closure_convert(problem_parts, x, *params)
         args = (*params, *hoisted)
         frozen = jax.lax.stop_gradient

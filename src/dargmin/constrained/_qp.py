@@ -52,7 +52,7 @@ from dargmin.constrained._settings import (
 )
 from dargmin.diagnostics import Check, CheckMode
 from dargmin.errors import DargminError
-from dargmin.linear_solvers import LU, LinearSolver, as_linear_solver
+from dargmin.linear_solvers import LU, LinearSolver, as_linear_solver, full_float32_products
 
 __all__ = [
     "OSQP",
@@ -218,11 +218,9 @@ def solve_qp(
 
 def _run(fn: Any, *args: jax.Array) -> QPSolution:
     try:
-        # Full float32 products: GPUs run float32 matrix products in TF32 (a 10-bit
-        # mantissa) by default, and the interior point then stalls away from the feasible
-        # set (measured on an H200: n = 100, batch 128, equality violation 61 where the CPU
-        # converged to 1e-6). No effect in float64 or on the CPU.
-        with jax.default_matmul_precision("float32"):
+        # Full float32 products for the interior point and the derivative (TF32 on GPUs
+        # stalled the interior point).
+        with full_float32_products():
             return fn(*args)
     except (jax.errors.JaxRuntimeError, ValueError) as err:
         if not isinstance(err, DargminError):

@@ -266,11 +266,16 @@ def optimize_hyperparameters(
                 ]
             return float(np.mean(vals)), (coefs if folds else coefs[0])
 
+        # The best path point's hypergradient at the path solvers' tolerance (value-only
+        # path solves by other solvers than the search's).
+        path_tol_start = meth.needs_solution and path_solvers is not solvers
         mon = monitor if monitor is not None else Monitor()
         coef0, first, n_path_evals = None, None, 0
         if n_path > 0:
             path = _coarse_path(
-                evaluate_path_point,
+                # Without value-only solves (a method that runs its own solver) the path
+                # evaluates every point with the search solvers, as before.
+                evaluate_path_point if path_tol_start else evaluate,
                 value_only if meth.needs_solution else None,
                 all(s is not None for s in probe_solvers),
                 problem,
@@ -312,11 +317,7 @@ def optimize_hyperparameters(
             # The best point may be a path point (the descent only sees its own records).
             start = len(mon.values) - res.n_evals - n_path_evals
             theta_b, value_b = mon.best(start)
-            if (
-                path_solvers is not solvers
-                and coef0 is not None
-                and np.array_equal(theta_b, theta0)
-            ):
+            if path_tol_start and coef0 is not None and np.array_equal(theta_b, theta0):
                 # The path's best point, evaluated at the path solver's tolerance only: its
                 # value at the search tolerance (a warm-started re-solve, value only) replaces
                 # its records, so that the reported loss is the search's accuracy.
