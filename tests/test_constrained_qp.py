@@ -330,6 +330,47 @@ def test_licq_bound_from_the_factors_is_a_lower_bound_and_dependent_rows_are_nam
     assert failure_reason(info.value) == "licq"
 
 
+def test_licq_certificate_never_exceeds_the_svd_across_conditioning():
+    # The certificate from shifted Cholesky factorizations (no inverse) must stay a lower
+    # bound of σ_min/σ_max of the active rows, on both factor paths (the forward's reused
+    # factors and the augmented ones), from well conditioned rows to dependent ones and
+    # with an ill-conditioned Q. Truth: the SVD of the active rows.
+    from dargmin.constrained import InteriorPoint
+    from dargmin.constrained._qp_derivative import _factorize, _licq_bound, qp_duals_and_mask
+    from dargmin.constrained._settings import KKTSettings
+
+    rng = np.random.default_rng(7)
+    n, p, m = 12, 4, 6
+    certified = 0  # of the regular case's two paths
+    for ratio, q_floor in itertools.product([1e-1, 1e-4, 1e-7, 1e-10, 1e-13], [1e-3, 1e-9]):
+        # Equality rows with singular values from 1 down to `ratio`.
+        u, _ = np.linalg.qr(rng.standard_normal((p, p)))
+        w, _ = np.linalg.qr(rng.standard_normal((n, p)))
+        A = u @ np.diag(np.geomspace(1.0, ratio, p)) @ w.T
+        L = rng.standard_normal((n, n))
+        eigvecs, _ = np.linalg.qr(L)
+        Q = eigvecs @ np.diag(np.geomspace(10.0, q_floor, n)) @ eigvecs.T
+        Q = 0.5 * (Q + Q.T)
+        x0 = rng.standard_normal(n)
+        G = rng.standard_normal((m, n))
+        args = tuple(
+            jnp.asarray(v)
+            for v in (Q, rng.standard_normal(n), A, A @ x0, G, G @ x0 + rng.uniform(size=m))
+        )
+        x, nu, lam, _, reuse = InteriorPoint().solve_and_factor(*args)
+        nu, lam, mask = qp_duals_and_mask(KKTSettings(), x, nu, lam, args)
+        for factors in (_factorize(mask, args, reuse), _factorize(mask, args)):
+            sigma = np.linalg.svd(np.asarray(factors.c), compute_uv=False)
+            n_active = p + int(np.sum(np.asarray(mask)))
+            truth = sigma[n_active - 1] / sigma[0]
+            bound = float(_licq_bound(factors))
+            assert np.isnan(bound) or bound <= truth, (ratio, q_floor, bound, truth)
+            if (ratio, q_floor) == (1e-1, 1e-3):
+                certified += bool(bound >= 1e-9)
+    # The regular case is certified (the SVD skipped), on both paths.
+    assert certified == 2
+
+
 def test_active_set_corrections_cut_iterations_and_keep_the_solution():
     # Truth: the interior point without corrections (its solution and gradient are
     # checked against SciPy and central differences above). The corrections (drop a

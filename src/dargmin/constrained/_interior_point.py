@@ -513,7 +513,7 @@ class InteriorPoint:
             definite = jnp.all(jnp.isfinite(pivots)) & (ratio >= 1e-9)
             took_dual_path = eqxi.unvmap_all(definite)
             x, nu, lam, k, (v, gram) = jax.lax.cond(took_dual_path, dual_path, primal_path, chol_q)
-            factors = QPFactors(chol_q, v, gram, took_dual_path)
+            factors = QPFactors(chol_q, v, gram, took_dual_path, ~asymmetric)
         primal, dual, gap = qp_residuals(data, x, nu, lam)
         return x, nu, lam, QPInfo(accepted(x, nu, lam), k, primal, dual, gap), factors
 
@@ -560,9 +560,3 @@ class InteriorPoint:
 
 def _cho_solve(chol: jax.Array, rhs: jax.Array) -> jax.Array:
     return jax.scipy.linalg.cho_solve((chol, True), rhs)
-
-
-def _inverse(chol: jax.Array) -> jax.Array:
-    """``L⁻¹`` of a lower-triangular ``L`` (one triangular solve with the identity)."""
-    eye = jnp.eye(chol.shape[0], dtype=chol.dtype)
-    return jax.lax.linalg.triangular_solve(chol, eye, left_side=True, lower=True)
