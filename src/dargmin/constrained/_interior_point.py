@@ -339,13 +339,16 @@ class InteriorPoint:
             dual_shift = 1e-13 * jnp.maximum(jnp.max(jnp.diag(gram)), 1e-300)
             bh = jnp.concatenate([b, h])
             eq_zeros = jnp.zeros((p,), dtype)
-            # ‖x‖∞ ≥ ‖z‖∞ / ‖Lᵀ‖∞: a lower bound keeps the complementarity test conservative.
-            lt_norm = jnp.max(jnp.sum(jnp.abs(chol_q), axis=0))
             # L for the products L r_z, as its own array: LAPACK returns L column-major,
             # and XLA copied it to the products' row-major layout inside the loop, once per
             # product (a pass over the n × n batch each: 39 of 373 ms at n = 100, batch
             # 128). tril gives a new array that XLA lays out row-major, once.
             l_rows = jnp.tril(chol_q)
+            # ‖x‖∞ ≥ ‖z‖∞ / ‖Lᵀ‖∞: a lower bound keeps the complementarity test conservative.
+            # From the row-major copy: reduced from LAPACK's column-major L, XLA first
+            # copied L to row-major (7 ms at n = 500, batch 8).
+            lt_norm = jnp.max(jnp.sum(jnp.abs(l_rows), axis=0))
+            l_norm = jnp.max(jnp.sum(jnp.abs(l_rows), axis=1))  # ‖L‖∞
 
             def measure_z(state: tuple) -> tuple:
                 z, s, lam, nu, _ = state
@@ -393,27 +396,42 @@ class InteriorPoint:
                 y = y + dy
                 z_p = z_p - v @ (rows * dy)
                 cz = v.T @ z_p
-                x_p = to_x(z_p)
                 nu_p, lam_raw = y[:p], y[p:]
-                scale = jnp.maximum(1.0, jnp.max(jnp.abs(jnp.concatenate([x_p, y]))))
+                # The tests in z first, without x = L⁻ᵀz (a triangular solve) and the dual
+                # residual in x (L r_z, a product with L): ‖x‖∞ ≥ ‖z‖∞/‖Lᵀ‖∞ and
+                # ‖L r_z‖∞ ≤ ‖L‖∞‖r_z‖∞ make them at least as strict as info.converged
+                # (which the returned point passes in x after the loop). Only where they
+                # fail a usable point are the tests in x computed (in float32, where the
+                # bound exceeds the tolerance). Saves 1 of ~5 ms per pass at n = 100,
+                # batch 128, and 2 of ~10 at n = 500, batch 8.
+                x_scale = jnp.maximum(1.0, jnp.max(jnp.abs(z_p), initial=0.0) / lt_norm)
+                scale = jnp.maximum(x_scale, jnp.max(jnp.abs(y), initial=0.0))
                 slack = h - cz[p:]
                 usable = (
-                    jnp.all(jnp.isfinite(x_p))
+                    jnp.all(jnp.isfinite(z_p))
                     & jnp.all(jnp.isfinite(y))
                     & (jnp.min(lam_raw, initial=0.0) >= -tol * scale)
                     & (jnp.max(-slack, initial=0.0) <= tol * scale)
                 )
                 lam_p = jnp.maximum(lam_raw, 0.0)
-                # info.converged of the polished point (the dual residual in x: L r_z).
-                r_x = l_rows @ (z_p + w_q + v @ (rows * y))
-                x_scale = jnp.maximum(1.0, jnp.max(jnp.abs(x_p), initial=0.0))
+                r_z = z_p + w_q + v @ (rows * y)
                 lam_scale = jnp.maximum(1.0, jnp.max(lam_p, initial=0.0))
                 primal = jnp.maximum(
                     jnp.max(jnp.abs(cz[:p] - b), initial=0.0), jnp.max(-slack, initial=0.0)
                 )
                 gap = jnp.sum(jnp.maximum(slack, 0.0) * lam_p) / max(m, 1)
-                dual = jnp.max(jnp.abs(r_x), initial=0.0)
+                dual = l_norm * jnp.max(jnp.abs(r_z), initial=0.0)
                 passes = converged(primal, dual, gap, x_scale, lam_scale)
+
+                def in_x(_: Any) -> jax.Array:
+                    x_p = to_x(z_p)
+                    x_scale = jnp.maximum(1.0, jnp.max(jnp.abs(x_p), initial=0.0))
+                    dual = jnp.max(jnp.abs(l_rows @ r_z), initial=0.0)
+                    return converged(primal, dual, gap, x_scale, lam_scale)
+
+                passes = jax.lax.cond(
+                    eqxi.unvmap_any(usable & ~passes), in_x, lambda _: passes, None
+                )
                 return (z_p, nu_p, lam_p), usable, passes, (lam_raw, slack, tol * scale)
 
             def polish(z: jax.Array, nu: jax.Array, lam: jax.Array, guess: jax.Array) -> tuple:
