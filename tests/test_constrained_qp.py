@@ -427,7 +427,7 @@ def test_second_derivative_in_q_matches_differences_of_the_gradient(semidefinite
 
 def test_a_skew_part_of_q_changes_nothing_even_in_one_member_of_a_batch():
     """xᵀQx sees only ½(Q + Qᵀ): adding a skew-symmetric matrix to one member of a batch
-    (the solver symmetrizes only when some member needs it) leaves every solution and
+    (the solver factorizes ½(Q + Qᵀ), formed in the copy to LAPACK's layout) leaves every solution and
     gradient as it was."""
     Q, q, A, b, G, h = random_qp(5, n=12, batch=(3,))
     skew = np.random.default_rng(6).standard_normal((12, 12))

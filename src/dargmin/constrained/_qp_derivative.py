@@ -194,14 +194,9 @@ def _factorize_reused(mask: jax.Array, args: tuple, reuse: QPFactors) -> _Factor
     c = jnp.concatenate([A, mask[:, None] * G], axis=0)
     schur = gram * rows[:, None] * rows + jnp.diag(1.0 - rows)
     schur_chol = jax.lax.linalg.cholesky(schur.T, symmetrize_input=False)
-    # P = ½(Q + Qᵀ) for the certificate: Q itself where the forward solve found every
-    # member symmetric (the symmetrizing pass reads Q through a transpose).
-    if reuse.symmetric is None:
-        p_matrix = 0.5 * (Q + Q.T)
-    else:
-        p_matrix = jax.lax.cond(
-            eqxi.unvmap_all(reuse.symmetric), lambda m: m, lambda m: 0.5 * (m + m.T), Q
-        )
+    # P = ½(Q + Qᵀ) for the certificate, formed by the copy its factorization needs
+    # anyway (as fast as a plain copy to LAPACK's layout: both read Q through a transpose).
+    p_matrix = 0.5 * (Q + Q.T)
     # After chol(S) (a data dependency): every LAPACK call of the derivative in one chain
     # (see the module docstring).
     p_matrix = p_matrix + 0.0 * schur_chol[0, 0] if schur.shape[0] else p_matrix

@@ -67,9 +67,6 @@ class QPFactors(NamedTuple):
     v: jax.Array
     gram: jax.Array
     usable: jax.Array
-    #: Whether every member's ``Q`` was symmetric (``None``: not known; the derivative
-    #: then symmetrizes ``Q`` where it needs it).
-    symmetric: jax.Array | None = None
 
 
 class QPSolver(Protocol):
