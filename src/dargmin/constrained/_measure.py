@@ -150,12 +150,14 @@ def licq_measure(
     largest single cost of the QP layer's backward pass: 94 of ~300 ms at n = 100, batch
     128); the reported ratio is then the bound."""
     dtype = p.x_flat.dtype
-    jac = jnp.concatenate([p.jac_h, mask[:, None] * p.jac_g], axis=0)
     n_active = p.h.size + jnp.sum(mask)
-    if not jac.shape[0]:
+    if not p.h.size + mask.size:
         return jnp.zeros((), dtype), jnp.ones((), dtype)
 
     def by_svd(_: Any) -> tuple[jax.Array, jax.Array]:
+        # Formed here, not before the cond: XLA writes it out even when the bound skips
+        # the SVD (2.7 ms at n = 100, batch 128).
+        jac = jnp.concatenate([p.jac_h, mask[:, None] * p.jac_g], axis=0)
         sigma = jnp.linalg.svd(jac, compute_uv=False)
         sigma_max = jnp.max(sigma)
         rank = jnp.sum(sigma > rank_tol * sigma_max).astype(dtype)
