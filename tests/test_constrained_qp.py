@@ -427,8 +427,8 @@ def test_second_derivative_in_q_matches_differences_of_the_gradient(semidefinite
 
 def test_a_skew_part_of_q_changes_nothing_even_in_one_member_of_a_batch():
     """xᵀQx sees only ½(Q + Qᵀ): adding a skew-symmetric matrix to one member of a batch
-    (the solver factorizes ½(Q + Qᵀ), formed in the copy to LAPACK's layout) leaves every solution and
-    gradient as it was."""
+    (the solver factorizes ½(Q + Qᵀ), formed in the copy to LAPACK's layout) leaves every
+    solution and gradient as it was."""
     Q, q, A, b, G, h = random_qp(5, n=12, batch=(3,))
     skew = np.random.default_rng(6).standard_normal((12, 12))
     Q_skewed = Q.at[1].add(jnp.asarray(skew - skew.T))

@@ -40,9 +40,11 @@ class InteriorPoint:
       ``max sᵢλᵢ / ((1 + ‖C‖∞) x̄ max(1, ‖λ‖∞))`` is below ``gap_tol``, or ``max_iter``
       iterations, or a vanishing step; then it polishes once (a dense LU).
 
-    The *polish* solves the equality-constrained QP of the active set the iterate suggests
-    (``λᵢ > sᵢ``) exactly and keeps it if feasible with ``λ ≥ 0`` (to ``tol``); on the dual
-    path, a failed guess is corrected up to ``corrections`` times (drop the inequalities
+    The *polish* solves the equality-constrained QP of a guessed active set exactly and
+    keeps it if feasible with ``λ ≥ 0`` (to ``tol``). The guess is the one the iteration's
+    predictor foresees (``λ + dλ > s + ds`` at its full step) on the dual path, the
+    iterate's (``λᵢ > sᵢ``) on the primal path; on the dual path, a failed guess is
+    corrected up to ``corrections`` times (drop the inequalities
     with a negative multiplier, add the violated ones, solve again: primal-dual active-set
     steps, which converge fast from a good guess but may cycle, so the interior point
     stays the safeguard). The result
