@@ -139,10 +139,11 @@ def _certify_licq(
     Stability of Numerical Algorithms*, Thm. 10.3), so ``λ_min(A) ≥ τ − γ_{k+2}‖R‖_F²``.
     The shifts are fractions of the smallest squared pivots (which bound ``λ_min`` from
     above): ``10⁻⁴`` for ``P``, ``10⁻²`` for ``S`` (on qpth's random QPs, n = 10 to 500,
-    the squared pivots were 2-460 times ``λ_min(Q)`` and 1.3-6 times ``λ_min(S)``); where
+    the squared pivots were 2-460 times ``λ_min(Q)`` and 1.3-7 times ``λ_min(S)``); where
     a shifted factorization fails, the SVD decides. ``S`` is computed from rounded
-    factors: the bound is trusted only above ``rounding`` (``10⁴ (p + m) eps tr(S)``, a
-    duplicated active row leaves the computed ``λ_min(S)`` near ``1e-16``).
+    factors: its rounding error, taken as ``10⁴ (p + m) eps tr(S)``, is subtracted too (a
+    duplicated active row leaves the computed ``λ_min(S)`` near ``1e-16``, which must not
+    certify anything).
 
     Why not the inverses (``σ_min(C) ≥ 1/(‖L⁻¹‖_F ‖chol(S)⁻¹‖_F)``, as before): forming
     ``L⁻¹`` was the largest cost of the derivative (39 of ~95 ms at n = 500, batch 8);
