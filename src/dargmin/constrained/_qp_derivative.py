@@ -56,6 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dargmin.constrained._interior_point import _cho_solve
 from dargmin.constrained._measure import _Pieces, duals_and_mask
 from dargmin.constrained._qp_types import QPFactors
 from dargmin.constrained._settings import KKTSettings
@@ -168,6 +169,10 @@ def _certify_licq(
         failed = ~jnp.isfinite(jnp.sum(jnp.diag(shifted)))  # a failure is all NaN
         return jnp.where(failed, jnp.nan, tau - gamma * frobenius_sq)
 
+    if schur.shape[0]:
+        # After chol(S) (a data dependency): every LAPACK call of the derivative in one
+        # chain (see the module docstring).
+        p_matrix = p_matrix + 0.0 * schur_chol[0, 0]
     ones = jnp.ones((p_matrix.shape[0],), dtype)
     smallest_p = jnp.min(jnp.abs(jnp.diag(chol)), initial=jnp.inf) ** 2
     lam_p = shifted_bound(p_matrix, 1e-4, smallest_p, ones)
@@ -215,9 +220,6 @@ def _factorize_reused(mask: jax.Array, args: tuple, reuse: QPFactors) -> _Factor
     # P = ½(Q + Qᵀ) for the certificate, formed by the copy its factorization needs
     # anyway (as fast as a plain copy to LAPACK's layout: both read Q through a transpose).
     p_matrix = 0.5 * (Q + Q.T)
-    # After chol(S) (a data dependency): every LAPACK call of the derivative in one chain
-    # (see the module docstring).
-    p_matrix = p_matrix + 0.0 * schur_chol[0, 0] if schur.shape[0] else p_matrix
     c_norm = jnp.sqrt(jnp.sum(A * A) + jnp.sum(mask * jnp.sum(G * G, axis=1)))  # ‖C‖_F
     licq = _certify_licq(p_matrix, chol, schur, schur_chol, rows, c_norm)
     return _Factors(chol, v_all, schur_chol, A, G, rows, jnp.zeros((), dtype), licq)
@@ -268,7 +270,6 @@ def _factorize_augmented(mask: jax.Array, args: tuple) -> _Factors:
     v = jax.lax.linalg.triangular_solve(chol, c.T, left_side=True, lower=True)
     schur = v.T @ v + jnp.diag(1.0 - rows)
     schur_chol = jax.lax.linalg.cholesky(schur.T, symmetrize_input=False)
-    p_matrix = p_matrix + 0.0 * schur_chol[0, 0] if schur.shape[0] else p_matrix
     licq = _certify_licq(p_matrix, chol, schur, schur_chol, rows, jnp.linalg.norm(c))
     return _Factors(chol, v, schur_chol, A, G, rows, rho, licq)
 
@@ -366,7 +367,7 @@ def _kkt_solve(factors: _Factors, a1: jax.Array, a2: jax.Array) -> tuple[jax.Arr
     one = 1.0 + 0.0 * rho
     rhs = one * (a1 + rho * factors.ct_times(a2))
     u = jax.lax.linalg.triangular_solve(chol, rhs[:, None], left_side=True, lower=True)[:, 0]
-    y_dot = jax.scipy.linalg.cho_solve((schur_chol, True), rows * (v.T @ u) - a2)
+    y_dot = _cho_solve(schur_chol, rows * (v.T @ u) - a2)
     x_dot = jax.lax.linalg.triangular_solve(
         chol, (u - v @ (rows * y_dot))[:, None], left_side=True, lower=True, transpose_a=True
     )[:, 0]
