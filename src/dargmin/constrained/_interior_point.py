@@ -11,6 +11,7 @@ import equinox.internal as eqxi
 import jax
 import jax.numpy as jnp
 
+from dargmin.constrained._compaction import compacted_while
 from dargmin.constrained._qp_types import QPData, QPFactors, QPInfo, qp_residuals
 
 
@@ -139,8 +140,14 @@ class InteriorPoint:
             jnp.max(jnp.sum(jnp.abs(G), axis=1), initial=0.0),
         )
 
-        def within(primal: jax.Array, dual: jax.Array, x_scale: jax.Array) -> jax.Array:
+        # The scales of the tests, as arguments where a loop takes them as operands.
+        norms = (scale_p, scale_q, q_norm, c_norm)
+
+        def within(
+            primal: jax.Array, dual: jax.Array, x_scale: jax.Array, norms: tuple = norms
+        ) -> jax.Array:
             """The residual tests of ``info.converged`` at a point with ``‖x‖∞ ≤ x_scale``."""
+            scale_p, scale_q, q_norm, c_norm = norms
             return (primal <= tol * (scale_p + c_norm * x_scale)) & (
                 dual <= tol * (scale_q + q_norm * x_scale)
             )
@@ -151,10 +158,11 @@ class InteriorPoint:
             gap: jax.Array,
             x_scale: jax.Array,
             lam_scale: jax.Array,
+            norms: tuple = norms,
         ) -> jax.Array:
             """``info.converged`` from a point's residuals, mean ``sᵢλᵢ`` and scales."""
-            return within(primal, dual, x_scale) & (
-                gap * max(m, 1) <= gap_tol * (1.0 + c_norm) * x_scale * lam_scale
+            return within(primal, dual, x_scale, norms) & (
+                gap * max(m, 1) <= gap_tol * (1.0 + norms[3]) * x_scale * lam_scale
             )
 
         diag_scale = jnp.maximum(jnp.max(jnp.abs(jnp.diag(Q)), initial=0.0), 1.0)
@@ -362,7 +370,7 @@ class InteriorPoint:
             # out: 7.4 ms at n = 500, batch 8).
             l_norm = jnp.sqrt(n * jnp.maximum(jnp.sum(jnp.diag(Q)), 0.0))
 
-            def x_scale_from_z(z: jax.Array) -> jax.Array:
+            def x_scale_from_z(z: jax.Array, lt_norm: jax.Array = lt_norm) -> jax.Array:
                 """``max(1, ‖z‖∞/‖Lᵀ‖∞) ≤ max(1, ‖x‖∞)``, without forming x."""
                 return jnp.maximum(1.0, jnp.max(jnp.abs(z), initial=0.0) / lt_norm)
 
@@ -393,15 +401,22 @@ class InteriorPoint:
                 return r1 - v @ y, y[:p]
 
             vt_w = v.T @ w_q
+            # What the polish reads, as the operands of its loop (gathered with the
+            # members still correcting, see _compaction).
+            polish_operands = (v, gram, w_q, vt_w, bh, dual_shift, lt_norm, l_norm, norms)
 
-            def solve_active(rows: jax.Array) -> tuple:
+            def solve_active(operands: tuple, rows: jax.Array) -> tuple:
                 """The equality-constrained QP of the active set ``rows`` (1.0 on the
                 equalities and the active inequalities), solved exactly in z with one step
                 of iterative refinement (which removes the shift's bias). Rows off the set
                 get ``y = 0`` from the unit diagonal; masks act on vectors, not on V.
                 Returns ``(z, ν, λ ≥ 0)``, whether that point is usable (finite, ``λ ≥ 0``
                 and feasible to ``tol``), whether it passes ``info.converged``, and the
-                raw multipliers and slacks (for the active-set correction)."""
+                raw multipliers and slacks (for the active-set correction), and what the
+                tests in x need (``r_z``, the primal residual, the mean ``sᵢλᵢ`` and the
+                multipliers' scale)."""
+                v, gram, w_q, vt_w, bh, dual_shift, lt_norm, l_norm, norms = operands
+                b, h = bh[:p], bh[p:]
                 chol_s = cholesky(gram * rows[:, None] * rows + jnp.diag(1.0 - rows + dual_shift))
                 a2 = rows * bh
                 y = _cho_solve(chol_s, -rows * vt_w - a2)
@@ -413,14 +428,14 @@ class InteriorPoint:
                 z_p = z_p - v @ (rows * dy)
                 cz = v.T @ z_p
                 nu_p, lam_raw = y[:p], y[p:]
-                # The tests in z first, without x = L⁻ᵀz (a triangular solve) and the dual
+                # The tests in z, without x = L⁻ᵀz (a triangular solve) and the dual
                 # residual in x (L r_z, a product with L): ‖x‖∞ ≥ ‖z‖∞/‖Lᵀ‖∞ and
                 # ‖L r_z‖∞ ≤ ‖L‖∞‖r_z‖∞ make them at least as strict as info.converged
-                # (which the returned point passes in x after the loop). Only where they
-                # fail a usable point are the tests in x computed (in float32, where the
-                # bound exceeds the tolerance). Saves 1 of ~5 ms per pass at n = 100,
+                # (which the returned point passes in x after the loop). Where they fail a
+                # usable point, the polish tests it in x after its loop (in float32, where
+                # the bound exceeds the tolerance). Saves 1 of ~5 ms per pass at n = 100,
                 # batch 128, and 2 of ~10 at n = 500, batch 8.
-                x_scale = x_scale_from_z(z_p)
+                x_scale = x_scale_from_z(z_p, lt_norm)
                 scale = jnp.maximum(x_scale, jnp.max(jnp.abs(y), initial=0.0))
                 slack = h - cz[p:]
                 usable = (
@@ -437,26 +452,24 @@ class InteriorPoint:
                 )
                 gap = jnp.sum(jnp.maximum(slack, 0.0) * lam_p) / max(m, 1)
                 dual = l_norm * jnp.max(jnp.abs(r_z), initial=0.0)
-                passes = converged(primal, dual, gap, x_scale, lam_scale)
-
-                def in_x(_: Any) -> jax.Array:
-                    x_p = to_x(z_p)
-                    x_scale = jnp.maximum(1.0, jnp.max(jnp.abs(x_p), initial=0.0))
-                    dual = jnp.max(jnp.abs(l_rows @ r_z), initial=0.0)
-                    return converged(primal, dual, gap, x_scale, lam_scale)
-
-                passes = jax.lax.cond(
-                    eqxi.unvmap_any(usable & ~passes), in_x, lambda _: passes, None
+                passes = converged(primal, dual, gap, x_scale, lam_scale, norms)
+                return (
+                    (z_p, nu_p, lam_p),
+                    usable,
+                    passes,
+                    (lam_raw, slack, tol * scale),
+                    (r_z, primal, gap, lam_scale),
                 )
-                return (z_p, nu_p, lam_p), usable, passes, (lam_raw, slack, tol * scale)
 
             def polish(z: jax.Array, nu: jax.Array, lam: jax.Array, guess: jax.Array) -> tuple:
                 """As :meth:`InteriorPoint._polish`, in z (:func:`solve_active` on the
                 active set ``guess``, the one the iteration's predictor foresees), with up
                 to ``corrections`` active-set corrections: while the solve fails, drop its
                 inequalities with a negative multiplier, add the violated ones, and solve
-                again (primal-dual active-set steps). Under ``vmap`` the batch iterates
-                until its slowest member stops.
+                again (primal-dual active-set steps). Under ``vmap`` the last passes run
+                on the members still correcting only (:func:`.compacted_while`): at n =
+                100, batch 128, the batch took 6 passes, its slowest 9 members the last
+                two.
 
                 Why the predictor's guess (``λ + dλ > s + ds`` at its full step) and not
                 the iterate's (``λ > s``): after the first iteration on qpth's random QPs
@@ -468,16 +481,17 @@ class InteriorPoint:
 
                 # One solve per pass, the guess in the first and its corrections after
                 # (one traced copy of solve_active: compile time). A member stops moving
-                # once its solve passes or its correction changes nothing.
+                # once its solve passes or its correction changes nothing (which a usable
+                # point's does: its tests in x can wait until after the loop).
                 def retrying(state: tuple) -> jax.Array:
-                    return (state[0] <= self.corrections) & eqxi.unvmap_any(state[-1])
+                    return (state[0] <= self.corrections) & state[5]
 
-                def solve_and_correct(state: tuple) -> tuple:
-                    count, rows, point, usable, passes, moving = state
-                    out = solve_active(rows)
+                def solve_and_correct(operands: tuple, state: tuple) -> tuple:
+                    count, rows, point, usable, passes, moving, tests = state
+                    out = solve_active(operands, rows)
                     keep = functools.partial(jnp.where, moving)
-                    point, usable, passes = jax.tree_util.tree_map(
-                        keep, out[:3], (point, usable, passes)
+                    point, usable, passes, tests = jax.tree_util.tree_map(
+                        keep, (*out[:3], out[4]), (point, usable, passes, tests)
                     )
                     lam_raw, slack, limit = out[3]
                     ineq = rows[p:] > 0
@@ -488,12 +502,25 @@ class InteriorPoint:
                     rows = jnp.where(
                         moving, jnp.concatenate([rows[:p], new_ineq.astype(dtype)]), rows
                     )
-                    return count + 1, rows, point, usable, passes, moving
+                    return count + 1, rows, point, usable, passes, moving, tests
 
                 no = jnp.zeros((), bool)
-                state = (0, rows, (z, nu, lam), no, no, jnp.ones((), bool))
-                _, _, point, usable, passes, _ = jax.lax.while_loop(
-                    retrying, solve_and_correct, state
+                zero = jnp.zeros((), dtype)
+                tests = (jnp.zeros((n,), dtype), zero, zero, zero)
+                state = (jnp.zeros((), jnp.int32), rows, (z, nu, lam), no, no, ~no, tests)
+                _, _, point, usable, passes, _, tests = compacted_while(
+                    retrying, solve_and_correct, polish_operands, state
+                )
+
+                def in_x(_: Any) -> jax.Array:
+                    r_z, primal, gap, lam_scale = tests
+                    x_p = to_x(point[0])
+                    x_scale = jnp.maximum(1.0, jnp.max(jnp.abs(x_p), initial=0.0))
+                    dual = jnp.max(jnp.abs(l_rows @ r_z), initial=0.0)
+                    return converged(primal, dual, gap, x_scale, lam_scale)
+
+                passes = jax.lax.cond(
+                    eqxi.unvmap_any(usable & ~passes), in_x, lambda _: passes, None
                 )
                 pick = functools.partial(jnp.where, usable)
                 return tuple(pick(a, b) for a, b in zip(point, (z, nu, lam), strict=True)), (
