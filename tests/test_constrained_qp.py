@@ -319,7 +319,7 @@ def test_licq_bound_from_the_factors_is_a_lower_bound_and_dependent_rows_are_nam
     # The KKT check skips its SVD when the derivative's factors certify σ_min/σ_max of
     # the active rows above the rank tolerance. Truth: the SVD of those rows.
     from dargmin.constrained import ConstraintQualificationError
-    from dargmin.constrained._qp_derivative import _factorize, _licq_bound, qp_duals_and_mask
+    from dargmin.constrained._qp_derivative import _factorize, qp_duals_and_mask
     from dargmin.constrained._settings import KKTSettings
 
     args = random_qp(3, n=20, batch=(6,))
@@ -330,7 +330,7 @@ def test_licq_bound_from_the_factors_is_a_lower_bound_and_dependent_rows_are_nam
         factors = _factorize(mask, data)
         sigma = jnp.linalg.svd(factors.c, compute_uv=False)  # rows off the set are zero
         n_active = data[2].shape[0] + jnp.sum(mask).astype(int)
-        return _licq_bound(factors), sigma[n_active - 1] / sigma[0]
+        return factors.licq, sigma[n_active - 1] / sigma[0]
 
     bound, truth = jax.vmap(bound_and_truth)(sol.x, sol.eq_dual, sol.ineq_dual, *args)
     assert bool(jnp.all(bound >= 1e-9))  # certified: these members skip the SVD
@@ -361,7 +361,7 @@ def test_licq_certificate_never_exceeds_the_svd_across_conditioning():
     # factors and the augmented ones), from well conditioned rows to dependent ones and
     # with an ill-conditioned Q. Truth: the SVD of the active rows.
     from dargmin.constrained import InteriorPoint
-    from dargmin.constrained._qp_derivative import _factorize, _licq_bound, qp_duals_and_mask
+    from dargmin.constrained._qp_derivative import _factorize, qp_duals_and_mask
     from dargmin.constrained._settings import KKTSettings
 
     rng = np.random.default_rng(7)
@@ -388,7 +388,7 @@ def test_licq_certificate_never_exceeds_the_svd_across_conditioning():
             sigma = np.linalg.svd(np.asarray(factors.c), compute_uv=False)
             n_active = p + int(np.sum(np.asarray(mask)))
             truth = sigma[n_active - 1] / sigma[0]
-            bound = float(_licq_bound(factors))
+            bound = float(factors.licq)
             assert np.isnan(bound) or bound <= truth, (ratio, q_floor, bound, truth)
             if (ratio, q_floor) == (1e-1, 1e-3):
                 certified += bool(bound >= 1e-9)

@@ -487,13 +487,12 @@ class InteriorPoint:
                     return (state[0] <= self.corrections) & state[5]
 
                 def solve_and_correct(operands: tuple, state: tuple) -> tuple:
-                    count, rows, point, usable, passes, moving, tests = state
-                    out = solve_active(operands, rows)
-                    keep = functools.partial(jnp.where, moving)
-                    point, usable, passes, tests = jax.tree_util.tree_map(
-                        keep, (*out[:3], out[4]), (point, usable, passes, tests)
+                    # Runs only while the member is moving (compacted_while keeps a
+                    # stopped member's state, batched or not): no masking here.
+                    count, rows, _, _, _, moving, _ = state
+                    point, usable, passes, (lam_raw, slack, limit), tests = solve_active(
+                        operands, rows
                     )
-                    lam_raw, slack, limit = out[3]
                     ineq = rows[p:] > 0
                     new_ineq = jnp.where(ineq, lam_raw >= -limit, slack < -limit)
                     retry = ~(usable & passes) & jnp.any(new_ineq != ineq)

@@ -75,7 +75,10 @@ class _Factors(NamedTuple):
     g: jax.Array  # G
     rows: jax.Array  # 1 on the equalities and the active inequalities, 0 elsewhere
     rho: jax.Array
-    licq: jax.Array  # certified lower bound of σ_min/σ_max of the active rows (NaN: none)
+    # A certified lower bound of σ_min/σ_max of the active rows (NaN: none; see
+    # _certify_licq). The KKT check skips its SVD where it certifies full rank
+    # (licq_measure); a loose bound only costs that SVD.
+    licq: jax.Array
 
     # C = [A; mask·G] acts through its parts and masks on vectors: forming it (or V's
     # masked columns) wrote an (p + m) × n batch out, 2.6 ms each at n = 100, batch 128.
@@ -112,13 +115,6 @@ def _qp_pieces(x: jax.Array, args: tuple) -> _Pieces:
     # (~7 ms at n = 100, batch 128, one thread), the products read it in place.
     grad_f = 0.5 * (Q @ x + x @ Q) + q
     return _Pieces(grad_f, A @ x - b, G @ x - h, A, G, x)
-
-
-def _licq_bound(factors: _Factors) -> jax.Array:
-    """The factors' certified lower bound of ``σ_min/σ_max`` of the active rows ``C``
-    (NaN where they certify none; see :func:`_certify_licq`). It lets the KKT check skip
-    its SVD (see :func:`.licq_measure`); a loose bound only costs that SVD."""
-    return factors.licq
 
 
 def _certify_licq(
@@ -439,7 +435,7 @@ def _qp_kkt_solution_jvp(settings: KKTSettings, primals: tuple, tangents: tuple)
             settings,
             recovered=False,
             pieces=_qp_pieces(frozen(z[0]), frozen(args)),
-            licq_bound=frozen(_licq_bound(factors)),
+            licq_bound=frozen(factors.licq),
         )
     factors = _checked(factors, settings, after)
     # Re-entry: the primal output is this rule's own function, so that a second
